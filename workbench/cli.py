@@ -1,0 +1,210 @@
+"""The ``workbench`` command: ``sft``, ``train``, ``report`` and ``demo``.
+
+Examples::
+
+    workbench sft --preset add2 --out workbench/assets/policies     # remake a shipped policy
+    workbench train --preset bf16/dvp_mis --steps 50 --run-dir runs/a
+    workbench train --config runs/a/config.json --run-dir runs/a --resume --steps 50
+    workbench report runs/a runs/b --out report.html
+    workbench demo --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_NONE = {"none", "null"}
+
+
+def _parse_value(text: str, annotation: Any) -> Any:
+    """Parse a flag value according to an RLOOConfig field annotation (``"none"`` means None)."""
+    hint = str(annotation)
+    if text.lower() in _NONE and "None" in hint:
+        return None
+    if "Mapping" in hint:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+        return value
+    if hint.startswith("bool"):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if hint.startswith("int"):
+        return int(text)
+    if hint.startswith("float"):
+        return float(text)
+    if "float" in hint:  # float | None | str (engine_rho)
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from workbench.trainer import RLOOConfig
+
+    group = parser.add_argument_group("config fields (override the preset / config file; 'none' for None)")
+    hints = typing.get_type_hints(RLOOConfig, globalns=vars(sys.modules["workbench.trainer"]))
+    for f in dataclasses.fields(RLOOConfig):
+        ann = hints[f.name]
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"cfg_{f.name}",
+            default=None,
+            metavar="V",
+            type=lambda s, a=ann: _parse_value(s, a),
+            help=f"({_type_name(ann)}, default {f.default if f.default is not dataclasses.MISSING else '{}'})",
+        )
+
+
+def _type_name(ann: Any) -> str:
+    if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union:
+        return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(ann))
+    return getattr(ann, "__name__", str(ann))
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    from workbench.experiments import make_config
+    from workbench.trainer import RLOOConfig
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.config:
+        base = RLOOConfig.from_json(args.config).to_dict()
+        return RLOOConfig.from_dict({**base, **overrides})
+    if args.preset:
+        return make_config(args.preset, **overrides)
+    return RLOOConfig(**overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from workbench.trainer import RLOOTrainer
+
+    config = _config_from_args(args)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    trainer = RLOOTrainer(config, run_dir, resume=args.resume)
+    print(f"run dir: {run_dir}  (config differs from defaults in: {sorted(config.diff()) or 'nothing'})")
+    history = trainer.train(args.steps)
+    if history:
+        last = history[-1]
+        print(
+            f"step {int(last['step'])}: reward {last['reward/mean']:.3f}  k1 {last['mismatch/k1']:.2e}  "
+            f"k3 {last['mismatch/k3']:.2e}  grad-norm {last['optim/grad_norm']:.2f}"
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.trainer import read_metrics
+    from workbench.viz import save_html, training_figure
+
+    runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
+    fig = training_figure(runs, title="DVP Workbench report: " + ", ".join(runs))
+    out = save_html(fig, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from workbench.sft import PRESETS, SFTConfig, sft_policy
+
+    if args.config:
+        recipes = {Path(args.config).stem: SFTConfig.from_dict(json.loads(Path(args.config).read_text()))}
+    elif args.all:
+        recipes = dict(PRESETS)
+    elif args.preset:
+        if args.preset not in PRESETS:
+            print(
+                f"error: --preset {args.preset!r} is unknown; choose from {sorted(PRESETS)}", file=sys.stderr
+            )
+            return 2
+        recipes = {args.preset: PRESETS[args.preset]}
+    else:
+        print("error: give --preset NAME, --all or --config FILE", file=sys.stderr)
+        return 2
+    for name, cfg in recipes.items():
+        if args.steps:
+            cfg = dataclasses.replace(cfg, steps=args.steps)
+        out = sft_policy(cfg, out_dir=Path(args.out) / name if args.out else None)
+        meta = json.loads((out / "recipe.json").read_text())
+        print(
+            f"{name}: {out}  loss {meta['final_loss']:.3f}  sampled accuracy {meta['sampled_accuracy']:.2f}  "
+            f"({meta['train_seconds']} s)"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workbench.experiments.demo import run_demo
+
+    report = run_demo(steps=args.steps, seed=args.seed, out_dir=Path(args.out), quick=args.quick)
+    print(report.summary())
+    print(f"HTML report: {report.html}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``workbench`` command."""
+    parser = argparse.ArgumentParser(
+        prog="workbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run RLOO (DVP + IS) from a preset, a config file or flags")
+    p.add_argument("--preset", help="scenario or scenario/arm (see workbench.experiments.preset_names())")
+    p.add_argument("--config", help="a JSON config file (e.g. a run's config.json)")
+    p.add_argument("--run-dir", help="output directory (default runs/<timestamp>)")
+    p.add_argument("--steps", type=int, default=50, help="steps to run (default 50)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
+    )
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="train (or fetch from cache) a warm-start policy")
+    p.add_argument("--preset", help="a recipe name from workbench.sft.PRESETS")
+    p.add_argument("--all", action="store_true", help="every preset")
+    p.add_argument("--config", help="a JSON SFTConfig file")
+    p.add_argument("--out", help="write policies to OUT/<name> (default: the cache)")
+    p.add_argument("--steps", type=int, default=0, help="override the recipe's step count")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("report", help="plot one or more run directories into an HTML report")
+    p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "demo", help="the headline comparison: naive RLOO vs DVP + MIS, ending in an HTML report"
+    )
+    p.add_argument("--steps", type=int, default=None, help="steps per arm (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="the QUICK version (about a minute)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``workbench`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

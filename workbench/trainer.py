@@ -1,0 +1,651 @@
+"""RLOO with dynamic vocabulary pruning (DVP) and masked importance sampling (MIS).
+
+One step, as data (see README "Design")::
+
+    prompts ──engine.generate(ρ, perturbation, dtype)──▶ Rollout{tokens, logp_infer, mask}
+            ──task.reward──▶ rewards
+    trainer forward ──dvp.token_stats(ρ)──▶ logp_train (grad), log Z, entropy, |V_S|
+    (logp_train, logp_infer) ──importance_weights(mode, bounds, veto)──▶ w, keep
+    rewards ──rloo_advantages(K, valid=keep)──▶ A
+    loss = policy_loss(logp_train, A, keep, w) ──▶ backward, clip, Adam step, engine.sync_weights
+    metrics ──▶ metrics.jsonl + callbacks + progress bar
+
+How this departs from textbook RLOO (Ahmadian et al., 2024):
+
+1. The objective is the min-p constrained policy π^mp (paper §5): log-probs are renormalised over the
+   safe set V_S = {a : π(a) ≥ ρ·max π}, and the rollout engine samples with the same ρ.
+2. Rollouts come from a separate engine (other precision, perturbed logits): an importance-sampling
+   correction ``is_mode`` (token/sequence, truncate/mask, geometric, veto) is applied on top.
+3. Sequences rejected by the correction are excluded from their group's leave-one-out baseline.
+4. Sampled tokens outside the trainer's safe set ("boundary tokens") are dropped from the loss.
+
+Every step emits the keys documented in :data:`TRAINER_METRIC_DOCS` (see ``lessons/metrics.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench import dvp, metrics, models
+from workbench.importance import IS_METRIC_DOCS, ISConfig
+from workbench.rloo import LOSS_METRIC_DOCS, grpo_advantages, policy_loss, rloo_advantages
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SCHEDULES = ("constant", "linear", "cosine")
+#: ``log ρ`` threshold used to count *tail* draws whatever ρ the run trains with (paper default e^-13).
+TAIL_LOG_RHO = -13.0
+
+
+@dataclass(frozen=True)
+class RLOOConfig:
+    """Everything that defines an RLOO run. Written to ``config.json`` in the run directory."""
+
+    model: str | None = "add2"
+    """A shipped policy name (``workbench.models.available_policies()``), a local HF model directory,
+    or ``None`` for a freshly initialised tiny model (``vocab_size`` ids)."""
+    task: str = "addition"
+    """Task name from ``workbench.tasks.TASKS``."""
+    task_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the task constructor (difficulty knobs, a JSONL path, …)."""
+    vocab_size: int = 4096
+    """Vocabulary of a fresh tiny model (only used when ``model is None``)."""
+    k: int = 4
+    """Samples per prompt (the RLOO group size K ≥ 2)."""
+    prompts_per_step: int = 16
+    """Distinct prompts per step; the batch holds ``prompts_per_step * k`` sequences."""
+    max_new_tokens: int | None = None
+    """Response length cap; ``None`` uses the task's ``max_new_tokens``."""
+    temperature: float = 1.0
+    """Sampling temperature, applied identically by engine and trainer."""
+    lr: float = 5e-5
+    """Adam learning rate (MEASUREMENTS.md: 1e-4 wrecks the tiny policies even without mismatch)."""
+    lr_schedule: str = "constant"
+    """``constant`` | ``linear`` | ``cosine`` decay over ``total_steps`` after ``warmup_steps``."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    total_steps: int = 100
+    """Horizon of the learning-rate schedule (``train`` may run fewer or more steps)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float | None = 1.0
+    """Max global grad norm; ``None`` disables clipping (the pre-clip norm is always logged)."""
+    rho: float | None = dvp.DEFAULT_RHO
+    """Min-p threshold ρ of the safe vocabulary (paper default e^-13); ``None`` trains on the full
+    vocabulary (naive RLOO)."""
+    engine_rho: float | str | None = "same"
+    """ρ the rollout engine samples with; ``"same"`` mirrors ``rho`` (the paper's setting)."""
+    is_mode: str = "token_mis"
+    """Importance-sampling correction: one of ``workbench.importance.IS_MODES``."""
+    is_lo: float | None = None
+    """Lower bound for masking modes (``None``: the mode's default)."""
+    is_hi: float | None = None
+    """Upper bound / truncation cap (``None``: the mode's default)."""
+    veto: float | None = 1e-4
+    """Drop a sequence when any token ratio falls below this; ``None`` disables the veto."""
+    drop_boundary_tokens: bool = True
+    """Drop sampled tokens outside the trainer's safe set from the loss (only when ``rho`` is set)."""
+    advantage: str = "rloo"
+    """``rloo`` (leave-one-out) or ``grpo`` (group mean/std normalised)."""
+    loss_type: str = "pg"
+    """``pg`` (REINFORCE with the RLOO baseline) or ``ppo_clip``."""
+    ppo_epochs: int = 1
+    """Optimiser passes over each batch (> 1 only with ``loss_type="ppo_clip"``)."""
+    clip_eps: float = 0.2
+    """PPO clip range."""
+    agg: str = "token_mean"
+    """Loss aggregation: ``token_mean`` or ``seq_mean``."""
+    train_dtype: str = "fp32"
+    """Trainer precision: ``fp32`` | ``bf16``."""
+    engine: str = "torch"
+    """Rollout engine: ``torch`` (CPU/GPU, emulated mismatch) or ``vllm`` (GPU only)."""
+    engine_dtype: str = "bf16"
+    """Engine weight precision: ``fp32`` | ``bf16`` | ``fp16`` (weights are rounded, not just activations)."""
+    perturbation: str | None = None
+    """Logit perturbation spec for the engine (``"gaussian:0.3"``, ``"round:bf16"``, ``"floor:13.5"`` …)."""
+    seed: int = 0
+    """Seeds model init, prompt sampling and rollout sampling (per-step seeds derive from it)."""
+    chunk_size: int = 1024
+    """Rows per chunk in the memory-lean DVP log-prob kernel."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end of ``train`` and on interruption)."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, allowed: str, fix: str) -> ValueError:
+            return ValueError(f"RLOOConfig.{name}={value!r} is invalid: allowed {allowed}. {fix}")
+
+        if self.k < 2:
+            raise bad("k", self.k, "k >= 2", "RLOO needs at least two samples per prompt for a baseline.")
+        if self.prompts_per_step < 1:
+            raise bad("prompts_per_step", self.prompts_per_step, ">= 1", "Use at least one prompt.")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise bad("max_new_tokens", self.max_new_tokens, ">= 1 or None", "None uses the task default.")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise bad("temperature", self.temperature, "a finite value > 0", "Use 1.0 for plain sampling.")
+        if not (0 < self.lr < 1):
+            raise bad("lr", self.lr, "0 < lr < 1", "Typical values for the tiny policies: 1e-5 … 5e-5.")
+        if self.lr_schedule not in _SCHEDULES:
+            raise bad("lr_schedule", self.lr_schedule, str(_SCHEDULES), "Pick one of them.")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise bad(
+                "warmup_steps/total_steps",
+                (self.warmup_steps, self.total_steps),
+                "warmup >= 0, total >= 1",
+                "",
+            )
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise bad("grad_clip", self.grad_clip, "> 0 or None", "None disables clipping.")
+        dvp.validate_rho(self.rho, "RLOOConfig.rho")
+        if self.engine_rho != "same":
+            if isinstance(self.engine_rho, str):
+                raise bad("engine_rho", self.engine_rho, '"same", None or a float in (0, 1]', "")
+            dvp.validate_rho(self.engine_rho, "RLOOConfig.engine_rho")
+        # Validates mode, bounds and veto with the importance module's own messages.
+        self.is_config()
+        if self.advantage not in ("rloo", "grpo"):
+            raise bad("advantage", self.advantage, "'rloo' or 'grpo'", "")
+        if self.loss_type not in ("pg", "ppo_clip"):
+            raise bad("loss_type", self.loss_type, "'pg' or 'ppo_clip'", "")
+        if self.ppo_epochs < 1 or (self.ppo_epochs > 1 and self.loss_type != "ppo_clip"):
+            raise bad(
+                "ppo_epochs",
+                self.ppo_epochs,
+                ">= 1, and > 1 only with loss_type='ppo_clip'",
+                "Set loss_type='ppo_clip' to reuse a batch for several updates.",
+            )
+        if not 0 < self.clip_eps < 1:
+            raise bad("clip_eps", self.clip_eps, "0 < clip_eps < 1", "0.2 is the usual PPO value.")
+        if self.agg not in ("token_mean", "seq_mean"):
+            raise bad("agg", self.agg, "'token_mean' or 'seq_mean'", "")
+        if self.train_dtype not in ("fp32", "bf16"):
+            raise bad("train_dtype", self.train_dtype, "'fp32' or 'bf16'", "")
+        if self.engine_dtype not in _DTYPES:
+            raise bad("engine_dtype", self.engine_dtype, str(tuple(_DTYPES)), "")
+        if self.engine not in ("torch", "vllm"):
+            raise bad(
+                "engine", self.engine, "'torch' or 'vllm'", "vllm needs a GPU and `pip install -e .[vllm]`."
+            )
+        if self.chunk_size < 1 or self.checkpoint_every < 0 or self.vocab_size < 64:
+            raise bad(
+                "chunk_size/checkpoint_every/vocab_size",
+                (self.chunk_size, self.checkpoint_every, self.vocab_size),
+                ">= 1 / >= 0 / >= 64",
+                "",
+            )
+        if self.perturbation is not None:
+            from workbench.engines import make_perturbation
+
+            make_perturbation(self.perturbation)  # raises with the allowed forms
+
+    @property
+    def sampling_rho(self) -> float | None:
+        """The ρ the engine samples with."""
+        return self.rho if self.engine_rho == "same" else self.engine_rho  # type: ignore[return-value]
+
+    def is_config(self) -> ISConfig:
+        """The importance-sampling settings as a :class:`workbench.importance.ISConfig`."""
+        return ISConfig(mode=self.is_mode, lo=self.is_lo, hi=self.is_hi, veto=self.veto)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        d = dataclasses.asdict(self)
+        d["task_kwargs"] = dict(self.task_kwargs)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RLOOConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` listing the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown RLOOConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> RLOOConfig:
+        """Load a config file written by a run (``config.json``) or by hand."""
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config file {p} does not exist; pass a path to a JSON config") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"config file {p} is not valid JSON ({e}); fix the file or write a new one"
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def diff(self, other: RLOOConfig | None = None) -> dict[str, tuple[Any, Any]]:
+        """Fields that differ from ``other`` (default: the defaults) as ``{name: (ours, theirs)}``."""
+        base = (other or RLOOConfig()).to_dict()
+        return {k: (v, base[k]) for k, v in self.to_dict().items() if v != base[k]}
+
+
+TRAINER_METRIC_DOCS: dict[str, str] = {
+    "step": "optimizer step index (1-based) after which the metrics were taken",
+    "reward/mean": "mean task reward of the sampled responses (in [0, 1])",
+    "reward/std": "standard deviation of the sampled rewards",
+    "reward/accuracy": "fraction of sampled responses with reward 1",
+    "response/length_mean": "mean response length in tokens (eos included)",
+    "mismatch/tail_tokens": "sampled tokens whose trainer probability is below e^-13 of the row max (tail draws)",
+    "mismatch/tail_delta_mean": "mean Δ = log μ − log π over tail draws (0 when there are none)",
+    "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set at the training ρ (dropped from the loss)",
+    "optim/grad_norm": "global gradient norm before clipping",
+    "optim/lr": "learning rate used for this step",
+    "perf/rollout_s": "seconds spent generating rollouts",
+    "perf/train_s": "seconds spent in trainer forward, backward and optimizer step",
+    "perf/sync_s": "seconds spent syncing weights into the engine",
+    "perf/step_s": "wall-clock seconds of the whole step",
+    "perf/tokens_per_s": "response tokens processed per second of step time",
+}
+
+
+def all_metric_docs() -> dict[str, str]:
+    """Every key a training step can emit, with its one-line meaning (the metrics glossary)."""
+    docs: dict[str, str] = {}
+    for part in (
+        TRAINER_METRIC_DOCS,
+        metrics.MISMATCH_METRIC_DOCS,
+        metrics.DVP_METRIC_DOCS,
+        IS_METRIC_DOCS,
+        LOSS_METRIC_DOCS,
+    ):
+        docs.update(part)
+    return docs
+
+
+Callback = Callable[["RLOOTrainer", dict[str, float]], bool | None]
+"""Called after every step with the trainer and its metrics; return ``False`` to stop training."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RLOOTrainer:
+    """Runs RLOO steps with DVP log-probs and IS corrections; see the module docstring.
+
+    Args:
+        config: the run's :class:`RLOOConfig`.
+        run_dir: where ``config.json``, ``metrics.jsonl`` and ``checkpoints/`` go; ``None`` keeps
+            everything in memory (metrics still land in :attr:`history`).
+        resume: continue from the latest checkpoint in ``run_dir`` (its config must match).
+        model, tokenizer: optionally pass an already-loaded policy instead of ``config.model``.
+    """
+
+    def __init__(
+        self,
+        config: RLOOConfig,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        resume: bool = False,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        from workbench import tasks
+
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.step_count = 0
+        self.history: list[dict[str, float]] = []
+        self._stop_requested = threading.Event()
+
+        torch.manual_seed(config.seed)
+        if model is None:
+            model, tokenizer = models.resolve_policy(
+                config.model, vocab_size=config.vocab_size, seed=config.seed
+            )
+        elif tokenizer is None:
+            raise ValueError("tokenizer=None: pass the tokenizer that belongs to the model you passed")
+        self.model = model.to(_DTYPES[config.train_dtype])
+        self.model.train()
+        self.tokenizer = tokenizer
+        self.task = tasks.make_task(config.task, **dict(config.task_kwargs))
+        self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.engine = self._make_engine()
+        self._is = config.is_config()
+
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path = self.run_dir / "config.json"
+            if resume:
+                self._resume()
+            else:
+                if (self.run_dir / "metrics.jsonl").exists():
+                    raise ValueError(
+                        f"run_dir={self.run_dir} already holds a run; pass resume=True to continue it "
+                        "or choose a new directory"
+                    )
+                _atomic_write_text(cfg_path, json.dumps(config.to_dict(), indent=2) + "\n")
+        elif resume:
+            raise ValueError("resume=True needs a run_dir to resume from")
+
+    # ------------------------------------------------------------------ setup
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.config
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    def _make_engine(self) -> Any:
+        from workbench import engines
+
+        cfg = self.config
+        perturbation = engines.make_perturbation(cfg.perturbation)
+        if cfg.engine == "vllm":
+            return engines.VLLMEngine.from_trainer_model(
+                self.model, self.tokenizer, dtype=cfg.engine_dtype, perturbation=perturbation
+            )
+        return engines.TorchEngine(
+            self.model,
+            dtype=cfg.engine_dtype,
+            perturbation=perturbation,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _step_seed(self) -> int:
+        # Per-step seeds derive from (seed, step) alone, so a resumed run replays the same prompts and draws.
+        return (self.config.seed * 1_000_003 + self.step_count) % (2**31 - 1)
+
+    def _prompts(self) -> tuple[list[Any], list[list[int]]]:
+        problems = self.task.sample(self.config.prompts_per_step, random.Random(self._step_seed()))
+        ids = [models.encode_prompt(self.tokenizer, p.prompt) for p in problems]
+        return problems, ids
+
+    def _forward(self, rollout: Any) -> torch.Tensor:
+        """Trainer logits for the response positions, ``(N, T, V)``."""
+        attn = rollout.attention_mask
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=rollout.sequences, attention_mask=attn, position_ids=position_ids)
+        p = rollout.prompt_len
+        return out.logits[:, p - 1 : -1]  # (N, T, V)
+
+    def step(self) -> dict[str, float]:
+        """Run one RLOO step: rollout → rewards → DVP log-probs → IS → loss → update → sync."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        problems, prompt_ids = self._prompts()
+        with torch.no_grad():
+            rollout = self.engine.generate(
+                prompt_ids,
+                n=cfg.k,
+                max_tokens=self.max_new_tokens,
+                rho=cfg.sampling_rho,
+                temperature=cfg.temperature,
+                seed=self._step_seed(),
+            )
+        t_rollout = time.perf_counter() - t0
+
+        texts = self._decode(rollout)
+        rewards = torch.tensor(
+            [self.task.reward(problems[int(i)], t) for i, t in zip(rollout.prompt_index, texts)],
+            dtype=torch.float32,
+        )  # (N,)
+
+        t1 = time.perf_counter()
+        mask = rollout.mask  # (N, T)
+        logits = self._forward(rollout)  # (N, T, V)
+        stats = dvp.token_stats(
+            logits, rollout.tokens, cfg.rho, chunk_size=cfg.chunk_size, temperature=cfg.temperature
+        )
+        logp = stats.logp  # (N, T), differentiable
+        with torch.no_grad():
+            # Gap of each sampled token's logit to the row max, in log-prob units: the safe-set rule.
+            z_tok = logits.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1).float()
+            gap = (z_tok - logits.amax(-1).float()) / cfg.temperature  # (N, T)
+            tail = (gap < TAIL_LOG_RHO) & mask
+            boundary = (gap < math.log(cfg.rho)) & mask if cfg.rho is not None else torch.zeros_like(mask)
+        is_res = self._is.apply(logp.detach(), rollout.logprobs, mask)
+        keep = is_res.keep & ~boundary if cfg.drop_boundary_tokens else is_res.keep
+        seq_keep = is_res.seq_keep & keep.any(-1)
+        adv_fn = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
+        advantages = adv_fn(rewards, cfg.k, valid=seq_keep)  # (N,)
+
+        logp_old = logp.detach()
+        grad_norm = torch.zeros(())
+        for epoch in range(cfg.ppo_epochs):
+            if epoch > 0:
+                logp = dvp.token_logprobs(
+                    self._forward(rollout),
+                    rollout.tokens,
+                    cfg.rho,
+                    chunk_size=cfg.chunk_size,
+                    temperature=cfg.temperature,
+                )
+            loss, loss_stats = policy_loss(
+                logp,
+                advantages,
+                keep,
+                is_res.weights,
+                agg=cfg.agg,
+                loss_type=cfg.loss_type,
+                logp_old=logp_old,
+                clip_eps=cfg.clip_eps,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+            )
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        t_train = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        self.engine.sync_weights(self.model)
+        t_sync = time.perf_counter() - t2
+        self.step_count += 1
+
+        n_tok = int(mask.sum())
+        delta = (rollout.logprobs - logp_old)[tail]
+        step_s = time.perf_counter() - t0
+        out: dict[str, float] = {
+            "step": float(self.step_count),
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "reward/accuracy": float((rewards >= 1.0).float().mean()),
+            "response/length_mean": float(rollout.lengths.float().mean()),
+            "mismatch/tail_tokens": float(tail.sum()),
+            "mismatch/tail_delta_mean": float(delta.mean()) if delta.numel() else 0.0,
+            "dvp/boundary_tokens": float(boundary.sum()),
+            "optim/grad_norm": float(grad_norm),
+            "optim/lr": float(lr),
+            "perf/rollout_s": t_rollout,
+            "perf/train_s": t_train,
+            "perf/sync_s": t_sync,
+            "perf/step_s": step_s,
+            "perf/tokens_per_s": n_tok / step_s,
+        }
+        out.update(metrics.mismatch_metrics(logp_old, rollout.logprobs, mask))
+        out.update(metrics.dvp_metrics(stats, mask))
+        out.update(is_res.stats)
+        out.update(loss_stats)
+        self.history.append(out)
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(out) + "\n")
+        return out
+
+    def _decode(self, rollout: Any) -> list[str]:
+        texts = []
+        for row, n in zip(rollout.tokens.tolist(), rollout.lengths.tolist()):
+            ids = [t for t in row[:n] if t != self.tokenizer.eos_token_id]
+            texts.append(self.tokenizer.decode(ids))
+        return texts
+
+    # ------------------------------------------------------------------ loop
+    def stop(self) -> None:
+        """Ask :meth:`train` to stop after the current step (safe to call from another thread)."""
+        self._stop_requested.set()
+
+    def train(
+        self, steps: int, callbacks: Sequence[Callback] = (), *, progress: bool = True
+    ) -> list[dict[str, float]]:
+        """Run ``steps`` more steps, calling each callback after every step.
+
+        Stops early when a callback returns ``False``, :meth:`stop` is called, or Ctrl-C arrives
+        (the interrupt is deferred to the end of the current step, so no step is half-applied).
+        A checkpoint is written at the end (and every ``checkpoint_every`` steps) when there is a
+        run directory. Returns the metrics of the steps run by this call.
+        """
+        if steps < 0:
+            raise ValueError(f"steps={steps} must be >= 0")
+        self._stop_requested.clear()
+        done: list[dict[str, float]] = []
+        bar = tqdm(total=steps, desc="rloo", disable=not progress, leave=False)
+        try:
+            with _deferred_sigint() as interrupted:
+                for _ in range(steps):
+                    m = self.step()
+                    done.append(m)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{m['reward/mean']:.3f}", k1=f"{m['mismatch/k1']:.2e}")
+                    every = self.config.checkpoint_every
+                    if self.run_dir is not None and every and self.step_count % every == 0:
+                        self.save_checkpoint()
+                    results = [cb(self, m) for cb in callbacks]
+                    if (
+                        any(r is False for r in results)
+                        or self._stop_requested.is_set()
+                        or interrupted.is_set()
+                    ):
+                        break
+        finally:
+            bar.close()
+            if self.run_dir is not None and done:
+                self.save_checkpoint()
+        return done
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write model, optimizer, scheduler and RNG state atomically to ``checkpoints/step-N``."""
+        if self.run_dir is None:
+            raise ValueError("save_checkpoint needs a run_dir; construct the trainer with run_dir=...")
+        ckpt_root = self.run_dir / "checkpoints"
+        ckpt_root.mkdir(exist_ok=True)
+        final = ckpt_root / f"step-{self.step_count:06d}"
+        tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+            tmp / "trainer_state.pt",
+        )
+        (tmp / "step.json").write_text(json.dumps({"step": self.step_count}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(ckpt_root / "latest", final.name + "\n")
+        return final
+
+    def _resume(self) -> None:
+        assert self.run_dir is not None
+        cfg_path = self.run_dir / "config.json"
+        saved = RLOOConfig.from_json(cfg_path)
+        if saved != self.config:
+            raise ValueError(
+                f"resume: the config differs from {cfg_path} in {sorted(saved.diff(self.config))}; "
+                "resume with the saved config (RLOOConfig.from_json) or start a new run directory"
+            )
+        latest = self.run_dir / "checkpoints" / "latest"
+        if not latest.exists():
+            raise ValueError(
+                f"resume: no checkpoint in {self.run_dir / 'checkpoints'}; start the run without resume"
+            )
+        ckpt = self.run_dir / "checkpoints" / latest.read_text().strip()
+        try:
+            step = int(json.loads((ckpt / "step.json").read_text())["step"])
+            state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(
+                f"resume: checkpoint {ckpt} is unreadable ({e}); delete it or start a new run"
+            ) from None
+        model, _ = models.load_policy(ckpt, dtype=_DTYPES[self.config.train_dtype])
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step_count = step
+        self.engine.sync_weights(self.model)
+        # Drop metric lines written after the checkpoint (a crash between the two), so the log stays consistent.
+        log = self.run_dir / "metrics.jsonl"
+        if log.exists():
+            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+            _atomic_write_text(log, "".join(ln + "\n" for ln in kept))
+            self.history = [json.loads(ln) for ln in kept]
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[threading.Event]:
+    """Turn Ctrl-C into a flag checked between steps (main thread only; elsewhere a no-op)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """Read ``metrics.jsonl`` of a run directory, with a clear error for a malformed line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; is {run_dir} a run directory written by RLOOTrainer?")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{i} is not valid JSON ({e}); the file was edited or truncated"
+            ) from None
+    return rows
