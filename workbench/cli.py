@@ -116,6 +116,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from workbench.models import policy_metadata
     from workbench.sft import PRESETS, SFTConfig, sft_policy
 
     if args.config:
@@ -136,7 +137,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         if args.steps:
             cfg = dataclasses.replace(cfg, steps=args.steps)
         out = sft_policy(cfg, out_dir=Path(args.out) / name if args.out else None)
-        meta = json.loads((out / "recipe.json").read_text())
+        meta = policy_metadata(out)
         print(
             f"{name}: {out}  loss {meta['final_loss']:.3f}  sampled accuracy {meta['sampled_accuracy']:.2f}  "
             f"({meta['train_seconds']} s)"

@@ -203,11 +203,11 @@ def sft_policy(
     """Return a directory holding the policy trained by ``cfg``, training it only when not cached.
 
     The directory (``<cache>/sft/<digest>`` unless ``out_dir`` is given) is a normal HF model dir
-    plus ``recipe.json`` (the config, the final loss, sampled accuracy and wall time).
+    whose metadata (:func:`workbench.models.policy_metadata`) holds the recipe, the final loss,
+    the sampled accuracy and the wall time.
     """
     target = Path(out_dir) if out_dir is not None else default_cache_dir() / "sft" / cfg.digest()
-    recipe = target / "recipe.json"
-    if recipe.exists() and json.loads(recipe.read_text()).get("digest") == cfg.digest():
+    if (target / "config.json").exists() and models.policy_metadata(target).get("digest") == cfg.digest():
         return target
     t0 = time.perf_counter()
     model, tokenizer, losses = train_sft(cfg, progress=progress)
@@ -220,5 +220,5 @@ def sft_policy(
         "train_seconds": round(time.perf_counter() - t0, 1),
         "remake": "workbench sft --preset NAME --out workbench/assets/policies (or workbench sft --config FILE)",
     }
-    models.save_policy(model, tokenizer, target, metadata={"recipe.json": meta})
+    models.save_policy(model, tokenizer, target, metadata=meta)
     return target
