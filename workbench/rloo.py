@@ -1,0 +1,335 @@
+"""Leave-one-out advantages and the policy-gradient loss that combines DVP log-probs, IS weights and masks.
+
+RLOO (THEORY.md, "RLOO"): with K samples per prompt, sample ``i``'s baseline is the mean reward of the *other*
+samples of its prompt, ``A_i = R_i − mean_{j≠i} R_j = K/(K−1) (R_i − mean R)``. The baseline does not depend on
+sample ``i``, so the estimator stays unbiased.
+
+Rejected samples. When importance sampling masks or vetoes a sequence (``ISResult.seq_keep`` False), that
+sample contributes no gradient — and it must not be part of anyone's baseline either: its reward was earned
+by a sequence the correction has declared untrustworthy, and keeping it in the baseline shifts every other
+advantage of the group. verl computes the RLOO baseline over the whole group before rejection sampling
+touches the mask, so rejected samples still move their neighbours' advantages; here they are excluded
+(``valid=False``) and get advantage 0. A group left with fewer than two valid samples has no leave-one-out
+baseline and gets 0 everywhere.
+
+The loss (one function, every variant a keyword)::
+
+    pg:        L = −Σ_{kept t} w_t · A · log π(y_t)                         / normaliser
+    ppo_clip:  L = −Σ_{kept t} w_t · min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A)     / normaliser,  ρ_t = e^{log π − log π_old}
+
+with ``w`` the detached IS weights (1 when None), ``A`` the sequence's advantage broadcast over its tokens, and
+the normaliser the number of kept tokens (``token_mean``) or, for ``seq_mean``, the mean over kept sequences of
+each sequence's token mean. ``log π`` is whatever the caller computed — with DVP, ``workbench.dvp.token_logprobs``
+(``log π^mp``), whose gradient only flows through the safe set.
+
+Example:
+    >>> import torch
+    >>> rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), k=2)
+    tensor([ 1., -1., -1.,  1.])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["LOSS_METRIC_DOCS", "grpo_advantages", "policy_loss", "rloo_advantages"]
+
+LOSS_AGGS = ("token_mean", "seq_mean")
+LOSS_TYPES = ("pg", "ppo_clip")
+_PPO_LOG_RATIO_CLAMP = 20.0  # clamp log π − log π_old before exp, as for IS ratios (THEORY)
+
+LOSS_METRIC_DOCS: dict[str, str] = {
+    "loss/pg": "value of the policy loss (pg or ppo_clip surrogate, after aggregation); 0 for an all-rejected batch",
+    "loss/kept_tokens": "number of tokens in the loss (mask=True)",
+    "loss/kept_seqs": "number of sequences with at least one kept token",
+    "loss/all_rejected": "1.0 when no token is kept (the loss is an exact zero that still backpropagates), else 0.0",
+    "loss/weight_mean": "mean IS weight over kept tokens (1 when no weights are given; 0 when nothing is kept)",
+    "loss/adv_abs_mean": "mean |advantage| over kept sequences",
+    "loss/clipfrac": "ppo_clip only: fraction of kept tokens where the clipped surrogate is active (its gradient is 0)",
+    "loss/ratio_mean": "ppo_clip only: mean of ρ = π/π_old over kept tokens",
+    "loss/approx_kl": "ppo_clip only: k3 estimate of KL(π_old‖π), mean of (ρ − 1) − log ρ over kept tokens",
+}
+
+
+# ------------------------------------------------------------------------------------------- advantages
+def _check_groups(
+    rewards: torch.Tensor, k: int, valid: torch.Tensor | None, fn: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``rewards [N]``, ``k`` and ``valid [N]``; return float rewards and a bool valid mask."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(
+            f"{fn}: k={k!r} must be an int ≥ 2 (samples per prompt); a leave-one-out baseline needs at least 2."
+        )
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(
+            f"{fn}: rewards must be a 1-D tensor [N] (k consecutive samples per prompt), got {shape}; "
+            "flatten it with rewards.reshape(-1)."
+        )
+    n = rewards.shape[0]
+    if n % k != 0:
+        raise ValueError(
+            f"{fn}: len(rewards)={n} is not divisible by k={k}; pass k consecutive samples for every prompt."
+        )
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    if not bool(torch.isfinite(r).all()):
+        bad = (~torch.isfinite(r)).nonzero().flatten().tolist()[:5]
+        raise ValueError(
+            f"{fn}: rewards must be finite, got non-finite values at indices {bad}; rewards live in [0, R_max]."
+        )
+    if valid is None:
+        v = torch.ones(n, dtype=torch.bool, device=r.device)
+    else:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != rewards.shape:
+            got = (
+                (valid.dtype, tuple(valid.shape)) if isinstance(valid, torch.Tensor) else type(valid).__name__
+            )
+            raise ValueError(
+                f"{fn}: valid must be a bool tensor of shape {tuple(rewards.shape)} (e.g. ISResult.seq_keep), got {got}."
+            )
+        v = valid
+    return r, v
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Leave-one-out advantages ``A_i = R_i − mean_{j≠i, valid} R_j`` per group of ``k`` consecutive samples.
+
+    Args:
+        rewards: ``[N]`` rewards, ``N = num_prompts · k``, samples of one prompt consecutive.
+        k: samples per prompt (≥ 2).
+        valid: ``[N]`` bool, False for samples rejected by IS masking / veto (``ISResult.seq_keep``). Invalid
+            samples are left out of every baseline and get advantage 0; a group with fewer than two valid
+            samples gets 0. None = all valid.
+
+    Returns:
+        ``[N]`` advantages (float dtype of ``rewards``; float32 for integer rewards).
+
+    Raises:
+        ValueError: ``k < 2``, ``rewards`` not 1-D, ``N`` not divisible by ``k``, non-finite rewards, or a
+            ``valid`` that is not a bool tensor of the same shape.
+
+    >>> r = torch.tensor([1.0, 0.0, 0.5, 3.0])
+    >>> [round(a, 4) for a in rloo_advantages(r, k=4).tolist()]   # e.g. A_0 = 1 − (0 + 0.5 + 3)/3
+    [-0.1667, -1.5, -0.8333, 2.5]
+    >>> rloo_advantages(r, k=4, valid=torch.tensor([True, True, True, False])).tolist()  # 3.0 was rejected
+    [0.75, -0.75, 0.0, 0.0]
+    """
+    r, v = _check_groups(rewards, k, valid, "rloo_advantages")
+    groups = r.shape[0] // k
+    rg = r.view(groups, k)  # (G, k)
+    vg = v.view(groups, k)  # (G, k)
+    rv = torch.where(vg, rg, 0.0)  # (G, k) rewards of valid samples, 0 elsewhere
+    total = rv.sum(1, keepdim=True)  # (G, 1)
+    n_valid = vg.sum(1, keepdim=True)  # (G, 1)
+    baseline = (total - rv) / (n_valid - 1).clamp_min(1)  # (G, k) mean of the other valid samples
+    adv = torch.where(vg & (n_valid >= 2), rg - baseline, 0.0)  # (G, k)
+    return adv.reshape(-1)
+
+
+def grpo_advantages(
+    rewards: torch.Tensor,
+    k: int,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Group-normalised advantages ``(R_i − mean) / (std + eps)`` over the valid samples of each group (GRPO).
+
+    ``std`` is the unbiased sample standard deviation (as in TRL and verl). With ``scale=False`` this is
+    ``R_i − mean``, which equals the RLOO advantage times ``(n−1)/n`` (``n`` valid samples in the group).
+    Invalid samples and groups with fewer than two valid samples get 0, as in :func:`rloo_advantages`.
+
+    Args:
+        rewards: ``[N]`` rewards, ``k`` consecutive samples per prompt.
+        k: samples per prompt (≥ 2).
+        valid: ``[N]`` bool or None (all valid).
+        scale: divide by the group's standard deviation.
+        eps: added to the std (a group with equal rewards gets advantage 0, not NaN).
+
+    Returns:
+        ``[N]`` advantages.
+
+    >>> [round(a, 4) for a in grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), k=2).tolist()]
+    [0.7071, -0.7071, 0.0, 0.0]
+    """
+    r, v = _check_groups(rewards, k, valid, "grpo_advantages")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"grpo_advantages: eps={eps!r} must be a finite number > 0 (typical 1e-6 … 1e-4).")
+    groups = r.shape[0] // k
+    rg = r.view(groups, k)  # (G, k)
+    vg = v.view(groups, k)  # (G, k)
+    n_valid = vg.sum(1, keepdim=True)  # (G, 1)
+    mean = torch.where(vg, rg, 0.0).sum(1, keepdim=True) / n_valid.clamp_min(1)  # (G, 1)
+    centred = torch.where(vg, rg - mean, 0.0)  # (G, k)
+    adv = centred
+    if scale:
+        var = (centred * centred).sum(1, keepdim=True) / (n_valid - 1).clamp_min(1)  # (G, 1) unbiased
+        adv = centred / (var.sqrt() + eps)
+    adv = torch.where(vg & (n_valid >= 2), adv, 0.0)
+    return adv.reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def _check_loss_inputs(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None,
+    agg: str,
+    loss_type: str,
+    logp_old: torch.Tensor | None,
+    clip_eps: float,
+) -> None:
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
+        got = (tuple(logp.shape), logp.dtype) if isinstance(logp, torch.Tensor) else type(logp).__name__
+        raise ValueError(f"policy_loss: logp must be a floating [B, T] tensor of token log-probs, got {got}.")
+    b, t = logp.shape
+    if not isinstance(advantages, torch.Tensor) or advantages.shape != (b,):
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(
+            f"policy_loss: advantages must have shape [B]=({b},) (one per sequence), got {got}; "
+            "per-token advantages are not supported."
+        )
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != logp.shape:
+        got = (tuple(mask.shape), mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"policy_loss: mask must be a bool tensor of shape {(b, t)} (e.g. ISResult.keep), got {got}; use mask.bool()."
+        )
+    if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != logp.shape):
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ValueError(
+            f"policy_loss: weights must have shape {(b, t)} (ISResult.weights) or be None, got {got}."
+        )
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"policy_loss: agg={agg!r} must be one of {LOSS_AGGS}.")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"policy_loss: loss_type={loss_type!r} must be one of {LOSS_TYPES}.")
+    if loss_type == "ppo_clip":
+        if logp_old is None or not isinstance(logp_old, torch.Tensor) or logp_old.shape != logp.shape:
+            got = None if logp_old is None else getattr(logp_old, "shape", type(logp_old).__name__)
+            raise ValueError(
+                f"policy_loss: loss_type='ppo_clip' needs logp_old of shape {(b, t)} (log-probs of the policy that "
+                f"the ratio is taken against, e.g. the rollout's), got {got}."
+            )
+        if isinstance(clip_eps, bool) or not isinstance(clip_eps, (int, float)) or not 0.0 < clip_eps < 1.0:
+            raise ValueError(f"policy_loss: clip_eps={clip_eps!r} must be in (0, 1) (PPO default 0.2).")
+    elif logp_old is not None and (not isinstance(logp_old, torch.Tensor) or logp_old.shape != logp.shape):
+        raise ValueError(
+            f"policy_loss: logp_old must have shape {(b, t)} or be None, got {getattr(logp_old, 'shape', logp_old)!r}."
+        )
+    # one device sync for all value checks on the positions that reach the loss
+    checks = [~torch.isfinite(advantages).all(), ~torch.isfinite(logp.detach()[mask]).all()]
+    if weights is not None:
+        wk = weights.detach()[mask]
+        checks.append(~(torch.isfinite(wk) & (wk >= 0)).all())
+    if loss_type == "ppo_clip" and logp_old is not None:
+        checks.append(~torch.isfinite(logp_old.detach()[mask]).all())
+    flags = torch.stack(checks).tolist()
+    names = [
+        "advantages must be finite",
+        "logp must be finite at kept (mask=True) positions",
+        "weights must be finite and ≥ 0 at kept positions",
+        "logp_old must be finite at kept positions",
+    ]
+    if weights is None:
+        names.remove("weights must be finite and ≥ 0 at kept positions")
+    bad = [n for n, f in zip(names, flags, strict=False) if f]
+    if bad:
+        raise ValueError(
+            f"policy_loss: {'; '.join(bad)} — fix them upstream or set mask=False at those positions."
+        )
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    agg: str = "token_mean",
+    loss_type: str = "pg",
+    logp_old: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Policy-gradient loss from token log-probs, sequence advantages, detached IS weights and a keep mask.
+
+    Args:
+        logp: ``[B, T]`` log-probs of the sampled tokens under the policy being trained (differentiable;
+            with DVP these are ``log π^mp``). Values where ``mask`` is False are ignored (may be NaN).
+        advantages: ``[B]`` one advantage per sequence (treated as a constant).
+        mask: ``[B, T]`` bool, True for tokens in the loss (``ISResult.keep``).
+        weights: ``[B, T]`` IS weights (``ISResult.weights``) or None for 1; detached here, never differentiated.
+        agg: ``"token_mean"`` (divide by the number of kept tokens in the batch) or ``"seq_mean"`` (mean over
+            kept sequences of each sequence's token mean).
+        loss_type: ``"pg"`` (REINFORCE: ``−w·A·log π``) or ``"ppo_clip"`` (``−w·min(ρA, clip(ρ, 1±ε)A)``).
+        logp_old: ``[B, T]`` reference log-probs for the PPO ratio (detached). Required by ``ppo_clip``;
+            accepted and ignored by ``pg`` so a caller can always pass it.
+        clip_eps: PPO clip range ε in (0, 1).
+
+    Returns:
+        ``(loss, stats)``: a scalar loss (an exact 0 that still backpropagates zeros when no token is kept) and
+        ``{"loss/…": float}`` documented in :data:`LOSS_METRIC_DOCS`.
+
+    Raises:
+        ValueError: wrong shapes/dtypes, unknown ``agg``/``loss_type``, missing ``logp_old`` for ppo_clip,
+            ``clip_eps`` outside (0, 1), or non-finite values at kept positions.
+
+    >>> logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]]))
+    >>> mask = torch.tensor([[True, True], [True, False]])
+    >>> loss, stats = policy_loss(logp, torch.tensor([1.0, -1.0]), mask)
+    >>> round(loss.item(), 4)   # −(log .5 + log .25 − log .5) / 3 = log(4)/3
+    0.4621
+    >>> stats["loss/kept_tokens"], stats["loss/all_rejected"]
+    (3.0, 0.0)
+    """
+    _check_loss_inputs(logp, advantages, mask, weights, agg, loss_type, logp_old, clip_eps)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    adv = advantages.detach().to(logp.dtype)[:, None]  # (B, 1)
+    lp = torch.where(mask, logp, zero)  # (B, T); NaN/inf on dropped positions never reach the graph
+    w = torch.ones_like(lp) if weights is None else torch.where(mask, weights.detach().to(logp.dtype), zero)
+    extra: list[torch.Tensor] = []
+    if loss_type == "pg":
+        per_tok = -(w * adv * lp)  # (B, T)
+    else:
+        assert logp_old is not None
+        lp_old = torch.where(mask, logp_old.detach().to(logp.dtype), zero)  # (B, T)
+        log_ratio = (lp - lp_old).clamp(-_PPO_LOG_RATIO_CLAMP, _PPO_LOG_RATIO_CLAMP)  # (B, T)
+        ratio = log_ratio.exp()  # (B, T)
+        surr = ratio * adv
+        surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+        per_tok = -(w * torch.minimum(surr, surr_clipped))  # (B, T)
+        with torch.no_grad():
+            n = mask.sum().clamp_min(1)
+            extra = [
+                ((surr_clipped < surr) & mask).sum() / n,
+                torch.where(mask, ratio, zero).sum() / n,
+                torch.where(mask, (ratio - 1) - log_ratio, zero).sum() / n,
+            ]
+    per_tok = torch.where(mask, per_tok, zero)  # (B, T)
+
+    tok_per_seq = mask.sum(-1)  # (B,)
+    kept_seq = tok_per_seq > 0  # (B,)
+    n_tok = mask.sum()
+    n_seq = kept_seq.sum()
+    if agg == "token_mean":
+        loss = per_tok.sum() / n_tok.clamp_min(1)
+    else:
+        seq_loss = per_tok.sum(-1) / tok_per_seq.clamp_min(1)  # (B,) token mean per sequence (0 if none kept)
+        loss = seq_loss.sum() / n_seq.clamp_min(1)
+
+    with torch.no_grad():
+        values = [
+            loss.detach(),
+            n_tok.to(logp.dtype),
+            n_seq.to(logp.dtype),
+            (n_tok == 0).to(logp.dtype),
+            torch.where(mask, w, zero).sum() / n_tok.clamp_min(1),
+            torch.where(kept_seq, advantages.detach().abs().to(logp.dtype), zero).sum() / n_seq.clamp_min(1),
+            *extra,
+        ]
+        keys = list(LOSS_METRIC_DOCS)[: len(values)]
+        stats = dict(zip(keys, torch.stack([v.to(torch.float64) for v in values]).tolist(), strict=True))
+    return loss, stats
