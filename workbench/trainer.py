@@ -422,11 +422,15 @@ class RLOOTrainer:
         )
         logp = stats.logp  # (N, T), differentiable
         with torch.no_grad():
-            # Gap of each sampled token's logit to the row max, in log-prob units: the safe-set rule.
-            z_tok = logits.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1).float()
-            gap = (z_tok - logits.amax(-1).float()) / cfg.temperature  # (N, T)
-            tail = (gap < TAIL_LOG_RHO) & mask
-            boundary = (gap < math.log(cfg.rho)) & mask if cfg.rho is not None else torch.zeros_like(mask)
+            detached = logits.detach()
+            # Tail draws: outside the e^-13 safe set whatever ρ this run trains with.
+            tail = metrics.boundary_tokens(detached, rollout.tokens, math.exp(TAIL_LOG_RHO), mask=mask,
+                                           temperature=cfg.temperature)
+            boundary = (
+                metrics.boundary_tokens(detached, rollout.tokens, cfg.rho, mask=mask, temperature=cfg.temperature)
+                if cfg.rho is not None
+                else torch.zeros_like(mask)
+            )
         is_res = self._is.apply(logp.detach(), rollout.logprobs, mask)
         keep = is_res.keep & ~boundary if cfg.drop_boundary_tokens else is_res.keep
         seq_keep = is_res.seq_keep & keep.any(-1)
