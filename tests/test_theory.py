@@ -1,0 +1,332 @@
+"""Tests for workbench.theory: every check passes as stated, fails on a wrong statement, and catches real bugs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import sympy as sp
+import torch
+
+import workbench.theory.prop54 as prop54_module
+import workbench.theory.prop55 as prop55_module
+from workbench.theory import (
+    CHECKS,
+    Check,
+    Step,
+    TreePolicy,
+    all_checks,
+    check_prop42,
+    check_prop43,
+    check_prop54,
+    check_prop55,
+    second_order_conditional_mean,
+    summary_markdown,
+)
+from workbench.theory.core import (
+    gaussian_expectation,
+    is_zero,
+    prove_nonnegative,
+    prove_nonnegative_halfline,
+    validate_scale,
+)
+
+RECONSTRUCTED = {"thm_4_1", "prop_4_3", "prop_5_4"}
+
+# the numeric criterion that must break when the statement's right-hand side is halved
+BREAKS_AT_HALF = {
+    "thm_4_1": "identity_holds",
+    "prop_4_2": "exact_bound_holds",
+    "prop_4_3": "flat/tilt_matches",
+    "prop_5_4": "tv_equals_one_minus_z",
+    "prop_5_5": "bound_holds_worst_case_rewards",
+}
+
+
+@pytest.fixture(scope="module")
+def checks() -> dict[str, Check]:
+    return {c.name: c for c in all_checks(seed=0)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every statement, as written, passes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_all_checks_covers_every_statement_in_order(checks: dict[str, Check]) -> None:
+    assert list(checks) == ["thm_4_1", "prop_4_2", "prop_4_3", "prop_5_4", "prop_5_5"] == list(CHECKS)
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_check_passes_as_stated(checks: dict[str, Check], name: str) -> None:
+    check = checks[name]
+    assert check.passed, check.failures
+    assert check.symbolic_passed and check.numeric_passed
+    assert sum(s.proved for s in check.steps) >= 3, "most of each derivation must be proved by sympy"
+    assert all(s.latex and s.description and s.method for s in check.steps)
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_reconstructed_flag_and_note(checks: dict[str, Check], name: str) -> None:
+    check = checks[name]
+    assert check.reconstructed == (name in RECONSTRUCTED)
+    assert ("Reconstructed" in check.notes) == (name in RECONSTRUCTED)
+    assert ("(reconstructed)" in check.title) == (name in RECONSTRUCTED)
+    assert ("reconstructed" in check.statement) == (name in RECONSTRUCTED)
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_check_serialises_and_renders(checks: dict[str, Check], name: str) -> None:
+    check = checks[name]
+    d = json.loads(json.dumps(check.to_dict()))
+    assert d["passed"] is True and d["name"] == name and d["reconstructed"] == check.reconstructed
+    assert len(d["steps"]) == len(check.steps) and set(d["criteria"]) == set(check.criteria)
+    assert [s["status"] for s in d["steps"]] == [s.status for s in check.steps]
+    md = check._repr_markdown_()
+    assert check.title in md and "passed" in md and "NOT PROVED" not in md
+    tex = check._repr_latex_()
+    assert tex.startswith("$$") and tex.endswith("$$") and check.statement in tex
+
+
+def test_summary_markdown(checks: dict[str, Check]) -> None:
+    table = summary_markdown(list(checks.values()))
+    rows = table.splitlines()
+    assert len(rows) == 2 + len(checks)
+    assert all("✅ passed" in row for row in rows[2:])
+    assert sum("| yes |" in row for row in rows[2:]) == len(RECONSTRUCTED)
+    failed = summary_markdown([check_prop54(0, scale=0.5, batch=16)])
+    assert "❌ failed" in failed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a wrong statement (right-hand side halved) fails, on the symbolic AND on the numeric side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# smaller instances keep the suite fast; a halved statement is far outside every tolerance
+SMALL = {
+    "thm_4_1": {"num_instances": 4},
+    "prop_4_2": {"num_sequences": 64},
+    "prop_4_3": {"num_draws": 20_000},
+    "prop_5_4": {"batch": 128},
+    "prop_5_5": {"num_instances": 8},
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_check_rejects_halved_statement(name: str) -> None:
+    check = CHECKS[name](0, scale=0.5, **SMALL[name])
+    assert not check.passed
+    assert not check.symbolic_passed, "sympy must fail to prove the halved statement"
+    assert any(s.status == "NOT PROVED" for s in check.steps)
+    assert not check.numeric_passed, "the torch cross-check must catch the halved statement"
+    assert check.criteria[BREAKS_AT_HALF[name]] is False
+    assert "NOT PROVED" in check._repr_markdown_() and "FAILED" in check._repr_markdown_()
+    assert json.loads(json.dumps(check.to_dict()))["passed"] is False
+    assert r"\frac{1}{2}" in check.statement
+
+
+@pytest.mark.parametrize("fn", list(CHECKS.values()))
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_bad_scale_raises(fn, scale: float) -> None:
+    with pytest.raises(ValueError, match="scale="):
+        fn(0, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the instances are strong enough to matter (a loose instance would let wrong statements pass)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prop42_instances_reach_the_bound(checks: dict[str, Check]) -> None:
+    num = checks["prop_4_2"].numeric
+    assert 0.9 < num["max_ratio_exact"] <= 1.0 + 1e-3  # near-tight, never above (up to fp32 rounding)
+    assert num["max_ratio_first_order"] > 1.0  # the first-order bound really is only first order ...
+    assert num["max_ratio_first_order"] <= num["first_order_ratio_cap"]  # ... within (e^{2ε} − 1)/2ε
+    assert num["p_min"] < 1e-6 and num["p_max"] > 0.999  # both the tail and confident tokens are probed
+
+
+def test_prop43_positive_mode_and_second_order_value(checks: dict[str, Check]) -> None:
+    num = checks["prop_4_3"].numeric
+    for shape in ("peaked", "medium", "flat"):
+        assert num[f"{shape}/cond_mean_ci_lo"] > 0  # the positive mode
+        assert num[f"{shape}/uncond_ci_hi"] < 0  # unconditionally Δ < 0
+        lo, hi = num[f"{shape}/cond_mean_ci_lo"], num[f"{shape}/cond_mean_ci_hi"]
+        assert lo - 0.3**4 <= num[f"{shape}/theory_second_order"] <= hi + 0.3**4
+    # a flat policy halves THEORY.md's σ²(1 − p): the second-order value is what the data follow
+    assert num["flat/ratio_estimate_over_digest"] < 0.7
+
+
+def test_prop55_bound_is_nontrivial_and_nearly_tight(checks: dict[str, Check]) -> None:
+    num = checks["prop_5_5"].numeric
+    assert num["num_nontrivial_bounds"] >= num["num_instances"] // 3
+    assert num["max_ratio_worst_case_reward"] > 0.6  # so a halved bound must be violated
+    assert num["max_ratio_random_reward"] <= 1.0
+
+
+def test_thm41_bias_is_real_and_identity_exact(checks: dict[str, Check]) -> None:
+    num = checks["thm_4_1"].numeric
+    assert num["min_bias_norm"] > 1e-4
+    assert num["max_identity_residual"] < 1e-12
+    assert num["max_policy_gradient_residual"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_checks_pass_with_other_seeds(name: str) -> None:
+    for seed in (1, 7):
+        check = CHECKS[name](seed)
+        assert check.passed, (name, seed, check.failures)
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_small_instances_pass(name: str) -> None:
+    check = CHECKS[name](3, **SMALL[name])
+    assert check.passed, check.failures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the numeric side catches real bugs in the torch code (not only rescaled statements)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _no_pruning(logits, tokens, rho=None, **kw):
+    """A buggy token_logprobs that ignores rho (min-p never applied)."""
+    from workbench.dvp import token_logprobs
+
+    return token_logprobs(logits, tokens, None, **kw)
+
+
+def _no_renormalisation(logits, tokens, rho=None, **kw):
+    """A buggy token_logprobs that masks but forgets to renormalise (adds nothing for log Z)."""
+    from workbench.dvp import retained_mass, token_logprobs
+
+    out = token_logprobs(logits, tokens, rho, **kw)
+    return out if rho is None else out + torch.log(retained_mass(logits, rho))
+
+
+def test_prop54_catches_missing_pruning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prop54_module, "token_logprobs", _no_pruning)
+    check = check_prop54(0)
+    assert check.symbolic_passed and not check.numeric_passed
+    assert check.criteria["tv_equals_one_minus_z"] is False
+
+
+def test_prop55_catches_missing_renormalisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prop55_module, "token_logprobs", _no_renormalisation)
+    check = check_prop55(0, num_instances=6)
+    assert not check.numeric_passed
+    assert check.criteria["policies_normalised"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the small provers are sound (never "prove" a false statement) and useful
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prove_nonnegative_sound_and_useful() -> None:
+    u, v = sp.symbols("u v", positive=True)
+    x = sp.Symbol("x", real=True)
+    assert prove_nonnegative(u * v + u**2)
+    assert prove_nonnegative(2 - 1 / (1 + u) - 1 / (1 + v))
+    assert not prove_nonnegative(u - v)
+    assert not prove_nonnegative(x)
+    assert not prove_nonnegative(1 - 2 / (1 + u))  # false for u < 1
+
+
+def test_prove_nonnegative_halfline() -> None:
+    x = sp.Symbol("x", nonnegative=True)
+    assert prove_nonnegative_halfline(sp.exp(x) - 1 - x, x)[0]
+    assert prove_nonnegative_halfline(x - sp.log(1 + x), x)[0]
+    assert not prove_nonnegative_halfline(sp.log(1 + x) - x, x)[0]  # false for every x > 0
+    assert not prove_nonnegative_halfline(x**2 - x, x, max_order=3)[0]  # false on (0, 1)
+
+
+def test_gaussian_expectation_matches_moments() -> None:
+    a, b = sp.symbols("a b", real=True)
+    assert gaussian_expectation(a**4 * b**2, [a, b]) == 3
+    assert gaussian_expectation(a**6, [a, b]) == 15
+    assert gaussian_expectation(a * b + a**3, [a, b]) == 0
+    s = sp.Symbol("s", positive=True)
+    assert is_zero(gaussian_expectation((s * a + 1) ** 2, [a]) - (s**2 + 1))
+
+
+def test_validate_scale() -> None:
+    validate_scale(1.0)
+    validate_scale(2)
+    for bad in (0, -0.5, float("inf"), "1"):
+        with pytest.raises(ValueError, match="scale="):
+            validate_scale(bad)  # type: ignore[arg-type]
+
+
+def test_step_status() -> None:
+    assert Step("d", "x", proved=True).status == "proved"
+    assert Step("d", "x", proved=False, assumption=True).ok
+    assert not Step("d", "x", proved=False).ok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the enumeration helper
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("vocab", "horizon"), [(2, 1), (3, 3), (6, 4)])
+def test_tree_policy_enumerates_every_sequence_once(vocab: int, horizon: int) -> None:
+    tree = TreePolicy(vocab=vocab, horizon=horizon)
+    seqs, idx = tree.sequences(), tree.state_index()
+    assert seqs.shape == idx.shape == (vocab**horizon, horizon)
+    assert len({tuple(s) for s in seqs.tolist()}) == vocab**horizon
+    assert int(idx.max()) + 1 == tree.num_states == sum(vocab**t for t in range(horizon))
+    # same state ⇔ same prefix (naive reference: a dict of prefixes)
+    state_of: dict[tuple[int, ...], int] = {}
+    for s, row in zip(seqs.tolist(), idx.tolist()):
+        for t in range(horizon):
+            assert state_of.setdefault(tuple(s[:t]), row[t]) == row[t]
+    assert len(set(state_of.values())) == tree.num_states
+
+
+def test_tree_policy_probabilities_sum_to_one() -> None:
+    tree = TreePolicy(vocab=3, horizon=3)
+    table = torch.randn(tree.num_states, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits = tree.sequence_logits(table)  # (N, T, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, tree.sequences()[..., None]).squeeze(-1).sum(-1)
+    assert math.isclose(float(logp.exp().sum()), 1.0, rel_tol=1e-12)
+
+
+def test_tree_policy_validation() -> None:
+    with pytest.raises(ValueError, match="vocab"):
+        TreePolicy(vocab=1, horizon=2)
+    with pytest.raises(ValueError, match="horizon"):
+        TreePolicy(vocab=2, horizon=0)
+    with pytest.raises(ValueError, match="too many"):
+        TreePolicy(vocab=50, horizon=5)
+    with pytest.raises(ValueError, match="table has shape"):
+        TreePolicy(vocab=2, horizon=2).sequence_logits(torch.zeros(2, 2))
+
+
+def test_second_order_conditional_mean_limits() -> None:
+    sigma = 0.5
+    uniform = torch.full((1000,), 1e-3, dtype=torch.float64)
+    assert math.isclose(
+        float(second_order_conditional_mean(uniform, torch.tensor(0), sigma)),
+        sigma**2 * (0.5 - 2e-3 + 1.5e-3),
+    )
+    peaked = torch.tensor([1 - 1e-9, 1e-9], dtype=torch.float64)
+    assert math.isclose(
+        float(second_order_conditional_mean(peaked, torch.tensor(1), sigma)), 2 * sigma**2, rel_tol=1e-6
+    )
+    assert (
+        abs(float(second_order_conditional_mean(peaked, torch.tensor(0), sigma))) < 1e-6
+    )  # confident token: ≈ 0
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="eps_values"):
+        check_prop42(0, eps_values=(0.1, -1.0))
+    with pytest.raises(ValueError, match="sigma"):
+        check_prop43(0, sigma=2.0)
+    with pytest.raises(ValueError, match="rhos"):
+        check_prop54(0, rhos=(0.0,))
+    with pytest.raises(ValueError, match="rho_range"):
+        check_prop55(0, rho_range=(0.3, 0.1))
