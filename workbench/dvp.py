@@ -1,0 +1,765 @@
+"""Dynamic vocabulary pruning (DVP): the min-p safe set and log-probs of the pruned policy ``π^mp``.
+
+THEORY.md, Section 5. With trainer logits ``z`` (already divided by the sampling temperature) the safe set
+is ``V_S = {a : z_a − max_b z_b ≥ log ρ}`` (equivalently ``π(a) ≥ ρ · max_b π(b)``) and the pruned policy
+is ``π^mp(a) = π(a) 1[a ∈ V_S] / Z`` with retained mass ``Z = Σ_{a ∈ V_S} π(a)``. The argmax is always in
+``V_S`` (its shifted logit is 0 ≥ log ρ), so ``Z > 0`` and ``π^mp`` is a proper distribution.
+
+The naive way to compute ``log π^mp`` of the sampled tokens is
+``log_softmax(where(mask, z, MASK)).gather(tokens)``: it builds a bool ``[N, V]`` mask, a masked ``[N, V]``
+copy and an ``[N, V]`` log-softmax (≈ 2.3 fp32 copies of the logits; at ``V = 151,936`` and 4096 rows
+that is 5.7 GB on top of the 2.5 GB of logits). This module computes the same numbers in one fused pass
+over row chunks that reuses a single ``[chunk, V]`` fp32 workspace: per chunk, the row max, the shifted
+logits written into the workspace, the sampled tokens' shifted logits, the safe-set cut (one in-place
+``threshold_``), ``exp_`` and a row sum. The backward pass (:class:`_MaskedLogProb`) recomputes the same
+chunk from the saved logits and writes ``(onehot − π^mp) · g / T`` straight into the gradient, so with
+autograd the only ``[N, V]`` tensor created is the gradient itself. Every fast function has a naive
+``*_reference`` twin; the tests check they agree over shapes × dtypes, gradients included.
+
+Choices, and why:
+
+1. **The mask value is finite:** masked logits become ``max(z) − MASK_MARGIN`` with ``MASK_MARGIN = 1000``
+   (THEORY.md: "``max(z) − C`` with ``C ≫ −log ρ``"). 1000 exceeds ``−log`` of the smallest positive
+   float64 (744.4), so every masked logit lies below every kept one for any representable ρ;
+   ``exp(−1000)`` is exactly 0 in fp32 and fp64, so masked tokens add exactly nothing to the normaliser,
+   to ``Z`` or to the entropy; and a masked token's log-prob is ``≈ −1000``: finite, so downstream
+   ``0 · log p`` terms and log-ratio clamps never meet ``−inf`` or NaN. (The paper's fixed ``−50`` is
+   wrong for rows whose logits all lie below −50; a row-relative value is shift-invariant.)
+2. **The mask is computed without gradient** (it is piecewise constant in θ); gradients flow only
+   through the kept logits: ``∂ log π^mp(a) / ∂z_b = (1[a = b, a ∈ V_S] − π^mp(b)) / T``.
+3. **Accumulation in fp32** for bf16/fp16 (and any lower precision) logits; fp64 logits are computed in
+   fp64. Results are fp32 (fp64 for fp64 logits, which is what ``gradcheck`` needs).
+4. **The cut is exact and shared:** every function here (fast or reference) decides membership with the
+   same float comparison ``(z / T − max) ≥ log ρ`` in the compute dtype, so :func:`safe_mask`,
+   :func:`token_logprobs` and the engines' sampler agree bit for bit on boundary tokens.
+5. **Rows without a finite maximum** (all ``−inf``, or containing ``+inf`` or NaN) raise ``ValueError``:
+   ``log π`` is undefined there. ``−inf`` entries in otherwise finite rows are fine.
+
+Run the doctests: ``pytest --doctest-modules workbench/dvp.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_RHO",
+    "MASK_MARGIN",
+    "TokenStats",
+    "masked_entropy",
+    "masked_entropy_reference",
+    "masked_logits",
+    "retained_mass",
+    "retained_mass_reference",
+    "safe_mask",
+    "safe_mask_reference",
+    "safe_set_size",
+    "safe_set_size_reference",
+    "token_logprobs",
+    "token_logprobs_reference",
+    "token_stats",
+    "validate_rho",
+]
+
+DEFAULT_RHO: float = math.exp(-13)
+"""The paper's default min-p threshold ρ = e^−13 ≈ 2.26e-6 (Section 5)."""
+
+MASK_MARGIN: float = 1000.0
+"""Masked logits are set to ``max(z) − MASK_MARGIN``: finite, below every kept logit, and ``exp`` of it is 0."""
+
+DEFAULT_BLOCK_BYTES: int = 32 * 2**20
+"""With ``chunk_size=None`` the rows per chunk are chosen so one fp32 ``[chunk, V]`` workspace is ≤ 32 MiB.
+
+Small enough to stay in cache on a CPU (several passes over a cached block beat one pass over a
+622 MB block at ``V = 151,936``), large enough that the Python loop costs nothing. On a GPU pass an
+explicit ``chunk_size`` (e.g. 1024) to trade memory for fewer kernel launches.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------
+# input checks
+
+
+def validate_rho(rho: float | None, name: str = "rho") -> None:
+    """Check a min-p threshold: ``None`` (no pruning) or a real number in ``(0, 1]``.
+
+    Args:
+        rho: the threshold to check.
+        name: how the caller calls it, for the error message (e.g. ``"RLOOConfig.rho"``).
+
+    Raises:
+        ValueError: for NaN, ±inf, ρ ≤ 0, ρ > 1, booleans and non-numbers.
+
+    >>> validate_rho(DEFAULT_RHO)
+    >>> validate_rho(0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: rho=0.0 must be in (0, 1] (or None for no pruning); use e.g. rho=math.exp(-13) (the paper's default, 2.26e-06)
+    """
+    if rho is None:
+        return
+    ok = isinstance(rho, (int, float)) and not isinstance(rho, bool) and 0.0 < rho <= 1.0
+    if not ok:  # NaN fails the range test too
+        raise ValueError(
+            f"{name}={rho!r} must be in (0, 1] (or None for no pruning); "
+            f"use e.g. {name}=math.exp(-13) (the paper's default, {DEFAULT_RHO:.3g})"
+        )
+
+
+def _check_temperature(temperature: float) -> None:
+    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not (ok and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature={temperature!r} must be a finite number in (0, inf); "
+            "use 1.0 for the raw policy, or the sampler's temperature"
+        )
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"chunk_size={chunk_size!r} must be an int >= 1 (rows per chunk) or None; "
+            "use None to size chunks automatically"
+        )
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating-point tensor [..., V] (got {got}); pass logits.float()")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(
+            f"logits.shape={tuple(logits.shape)} must be [..., V] with V >= 1 (the vocabulary is the last dim)"
+        )
+
+
+def _check_tokens(tokens: torch.Tensor, logits: torch.Tensor) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be an integer tensor of token ids (got {got}); pass tokens.long()")
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"tokens.shape={tuple(tokens.shape)} must equal logits.shape[:-1]={tuple(logits.shape[:-1])} "
+            "(one token id per logits row); for causal LMs pair logits[:, :-1] with ids[:, 1:]"
+        )
+    if tokens.device != logits.device:
+        raise ValueError(
+            f"tokens are on {tokens.device} but logits on {logits.device}; move both to one device"
+        )
+    vocab = logits.shape[-1]
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"tokens must be ids in [0, V) = [0, {vocab}) (got min={lo}, max={hi}); replace padding ids "
+                "with a valid id (e.g. 0) and mask those positions out of the loss"
+            )
+
+
+def _check_common(
+    logits: torch.Tensor, rho: float | None, temperature: float, chunk_size: int | None
+) -> None:
+    _check_logits(logits)
+    validate_rho(rho)
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+
+
+def _raise_nonfinite(n_bad: int) -> None:
+    raise ValueError(
+        f"logits has {n_bad} row(s) without a finite maximum (all -inf, or containing +inf or NaN); "
+        "log π is undefined there: check the model output (overflow?) and mask such rows before calling"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared building blocks
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; everything else (fp32, bf16, fp16, fp8, …) is accumulated in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _log_rho(rho: float, dtype: torch.dtype) -> float:
+    """``log ρ`` rounded to the compute dtype: the exact cut every function in this module uses."""
+    return float(torch.tensor(math.log(rho), dtype=dtype))
+
+
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number below ``value``, so ``x > _below(v) ⇔ x ≥ v`` for ``dtype`` numbers."""
+    t = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))
+
+
+_EXP_MIN = {torch.float32: -87.0, torch.float64: -708.0}
+"""Smallest arguments whose ``exp`` is still a normal number (fp32: e^-87 = 1.6e-38 > 1.18e-38)."""
+
+
+def _exp_floor(vocab: int, dtype: torch.dtype) -> float:
+    """Where shifted logits are floored (and pruned ones parked) before ``exp``.
+
+    ``exp`` of an argument below ≈ −87.3 (fp32) underflows into denormals or 0, and CPUs take a slow
+    path for that: 15–40× slower than ordinary arguments (measured here: an ``exp_`` over
+    ``[55, 151936]`` takes 40 ms for values in [−87, 0] and 600–2000 ms for values ≤ −88). Pruned
+    tokens are parked at this floor instead, and tail logits are clamped up to it. Both then add at most
+    ``V · e^floor`` to a sum that is ≥ 1 (the argmax contributes e^0): ≤ 1e-27 for ``V ≤ 2^24`` in fp32,
+    far below its resolution, so the sums are unchanged. ``+ log V + 1`` keeps ``floor − log S`` (the
+    backward's ``exp`` argument, ``S ≤ V``) fast too.
+    """
+    return _EXP_MIN[dtype] + math.log(vocab) + 1.0
+
+
+def _pruned_fill(rho: float, vocab: int, dtype: torch.dtype) -> float:
+    """Value pruned logits take before ``exp``: the fast floor when every kept ``π^mp`` stays above
+    ``e^floor`` (``log ρ − log V > floor + 1``, i.e. ρ > ≈1e-26 at V = 151,936 in fp32), else ``−inf``
+    (exact zeros the slow way, for astronomically small ρ)."""
+    floor = _exp_floor(vocab, dtype)
+    return floor if _log_rho(rho, dtype) - math.log(vocab) > floor + 1.0 else -math.inf
+
+
+def _auto_chunk(vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, DEFAULT_BLOCK_BYTES // (4 * vocab))
+
+
+def _row_blocks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_row, block)`` with ``block`` a 2-D ``[≤ chunk, V]`` view of ``x``'s rows in C order.
+
+    Never copies: a non-viewable input such as ``logits[:, :-1]`` (a slice of ``[B, T, V]``) is walked
+    one leading index at a time instead of being flattened with ``reshape`` (which would copy it).
+    """
+    vocab = x.shape[-1]
+    try:
+        flat = x.view(-1, vocab)  # (N, V)
+    except RuntimeError:
+        offset = 0
+        for sub in x.unbind(0):
+            for first, block in _row_blocks(sub, chunk):
+                yield offset + first, block
+            offset += sub.numel() // vocab
+        return
+    for i in range(0, flat.shape[0], chunk):
+        yield i, flat[i : i + chunk]
+
+
+def _shift_into(
+    block: torch.Tensor, temperature: float, out: torch.Tensor, m: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Write ``block / T − max`` (compute dtype) into ``out`` and return the row max ``[c, 1]``.
+
+    Bit-identical to the references' ``z = logits.to(dtype) / T; z − z.amax()`` (upcasts are exact and
+    the max of upcast values is the upcast of the max), so the safe-set cut agrees everywhere. Pass
+    ``m`` to reuse a max computed earlier.
+    """
+    if temperature == 1.0:
+        if m is None:
+            m = block.amax(-1, keepdim=True).to(out.dtype)  # (c, 1); a bf16 max reads half the bytes
+        if block.dtype == out.dtype:
+            torch.sub(block, m, out=out)
+        else:  # a mixed-dtype sub would allocate an upcast copy of the block: upcast into `out` instead
+            out.copy_(block).sub_(m)
+    else:
+        out.copy_(block).div_(temperature)  # exact upcast, then the same division as the reference
+        if m is None:
+            m = out.amax(-1, keepdim=True)  # (c, 1)
+        out.sub_(m)
+    return m
+
+
+def _scaled_reference(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = logits.to(_compute_dtype(logits.dtype))  # (..., V)
+    return z / temperature if temperature != 1.0 else z
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fused chunked pass
+
+
+@dataclass
+class _Pass:
+    logp: torch.Tensor  # (N,) log π^mp of the tokens
+    m: torch.Tensor  # (N, 1) row max of z / T
+    log_s: torch.Tensor  # (N, 1) log Σ_{a ∈ V_S} exp(z_a / T − m)
+    keep_tok: torch.Tensor  # (N,) bool: token in V_S
+    logz: torch.Tensor | None = None  # (N,) log Z
+    entropy: torch.Tensor | None = None  # (N,) H(π^mp)
+    safe_size: torch.Tensor | None = None  # (N,) |V_S|
+
+
+def _fused_pass(
+    logits: torch.Tensor,
+    tokens: torch.Tensor | None,
+    rho: float | None,
+    temperature: float,
+    chunk_size: int | None,
+    *,
+    stats: bool,
+) -> _Pass:
+    """One pass over row chunks; ``tokens`` is ``(N,)`` int64 or None (then token outputs are junk).
+
+    Per chunk, all in one reused ``[chunk, V]`` workspace ``s`` (plus, for ``stats``, one bool block):
+    ``s = z/T − max`` → gather the tokens' ``s`` → cut ``s < log ρ`` (one in-place ``threshold_``) →
+    ``exp_`` → row sums. Nothing else of size ``[chunk, V]`` is allocated (the tests check this).
+    """
+    vocab = logits.shape[-1]
+    n = logits.numel() // vocab
+    dev, cdt = logits.device, _compute_dtype(logits.dtype)
+    chunk = min(_auto_chunk(vocab, chunk_size), max(n, 1))
+    work = torch.empty(chunk, vocab, dtype=cdt, device=dev)  # (chunk, V) the one fp32 workspace
+    pruned_work = (
+        torch.empty(chunk, vocab, dtype=torch.bool, device=dev) if stats and rho is not None else None
+    )
+    m_all = torch.empty(n, 1, dtype=cdt, device=dev)
+    s_tok = torch.zeros(n, dtype=cdt, device=dev)  # shifted logit of each token
+    s_kept = torch.empty(n, 1, dtype=cdt, device=dev)  # Σ_{V_S} exp(s)
+    if stats:
+        s_all = torch.empty(n, 1, dtype=cdt, device=dev)  # Σ_V exp(s)
+        e_log_e = torch.empty(n, 1, dtype=cdt, device=dev)  # Σ_{V_S} exp(s) · s
+        size = torch.full((n,), vocab, dtype=torch.long, device=dev)
+    floor = _exp_floor(vocab, cdt)
+    if rho is not None:
+        lr = _log_rho(rho, cdt)
+        cut, fill = _below(lr, cdt), _pruned_fill(rho, vocab, cdt)
+    for i, block in _row_blocks(logits, chunk):
+        c = block.shape[0]
+        s = work[:c]  # (c, V) shifted logits z / T − m
+        m_all[i : i + c] = _shift_into(block, temperature, s)
+        if tokens is not None:
+            s_tok[i : i + c] = s.gather(1, tokens[i : i + c, None]).squeeze(1)
+        if not stats:
+            if rho is not None:
+                F.threshold_(s, cut, fill)  # s < log ρ  ->  fill (≤ floor): exp is ≈ 0 and fast
+            else:
+                s.clamp_(min=floor)  # tail below e^floor: numerically nothing, and exp stays fast
+            torch.sum(s.exp_(), -1, keepdim=True, out=s_kept[i : i + c])
+            continue
+        # stats: every op is in place or reduces to [c]; the bool block marks pruned tokens exactly
+        if rho is not None:
+            pruned = pruned_work[:c]  # (c, V) bool
+            torch.lt(s, lr, out=pruned)
+        e = s.clamp_(min=floor).exp_()  # (c, V) exp(z/T − m), in place
+        torch.sum(e, -1, keepdim=True, out=s_all[i : i + c])
+        if rho is not None:
+            e.masked_fill_(pruned, 0.0)  # exactly zero outside V_S
+            torch.sum(e, -1, keepdim=True, out=s_kept[i : i + c])
+        else:
+            s_kept[i : i + c] = s_all[i : i + c]
+        torch.sum(e.xlogy_(e), -1, keepdim=True, out=e_log_e[i : i + c])  # e · log e = e · s
+        if rho is not None:  # |V_S| = V − #pruned; summing a bool tensor would allocate [c, V] int64
+            size[i : i + c] = vocab - s.copy_(pruned).sum(-1).long()  # fp32 sums of 0/1 are exact < 2^24
+    n_bad = int((~torch.isfinite(m_all)).sum())
+    if n_bad:
+        _raise_nonfinite(n_bad)
+    log_s = s_kept.log_()  # (N, 1)
+    if rho is None:
+        keep_tok = torch.ones(n, dtype=torch.bool, device=dev)
+        logp = s_tok - log_s.squeeze(1)
+    else:
+        keep_tok = s_tok >= lr
+        logp = torch.where(keep_tok, s_tok, -MASK_MARGIN) - log_s.squeeze(1)
+    out = _Pass(logp=logp, m=m_all, log_s=log_s, keep_tok=keep_tok)
+    if stats:
+        log_s_all = s_all.log_()
+        out.logz = (
+            (log_s - log_s_all).clamp_(max=0.0).squeeze(1) if rho is not None else torch.zeros_like(logp)
+        )
+        # H(π^mp) = log S − Σ e·s / S
+        out.entropy = (log_s - e_log_e / log_s.exp()).clamp_(min=0.0).squeeze(1)
+        out.safe_size = size
+    return out
+
+
+class _MaskedLogProb(torch.autograd.Function):
+    """``log π^mp(token)`` with a chunked, recomputing backward (no ``[N, V]`` activations are saved).
+
+    Saves only the logits (which autograd keeps alive anyway), the tokens and two ``[N]`` row statistics;
+    the backward pass recomputes ``π^mp`` chunk by chunk directly into the gradient buffer.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        rho: float | None,
+        temperature: float,
+        chunk_size: int | None,
+        stats: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        res = _fused_pass(logits, tokens, rho, temperature, chunk_size, stats=stats)
+        ctx.save_for_backward(logits, tokens, res.m, res.log_s, res.keep_tok)
+        ctx.rho, ctx.temperature, ctx.chunk_size = rho, temperature, chunk_size
+        if not stats:
+            return (res.logp,)
+        extra = (res.logz, res.entropy, res.safe_size)
+        ctx.mark_non_differentiable(*extra)
+        return (res.logp, *extra)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_logp: torch.Tensor, *_: torch.Tensor) -> tuple:  # type: ignore[override]
+        logits, tokens, m_all, log_s, keep_tok = ctx.saved_tensors
+        rho, temperature = ctx.rho, ctx.temperature
+        vocab = logits.shape[-1]
+        n = logits.numel() // vocab
+        cdt = _compute_dtype(logits.dtype)
+        chunk = min(_auto_chunk(vocab, ctx.chunk_size), max(n, 1))
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # (..., V)
+        gflat = grad.view(-1, vocab)  # (N, V)
+        direct = logits.dtype == cdt  # fp32/fp64: compute straight into the gradient
+        work = None if direct else torch.empty(chunk, vocab, dtype=cdt, device=logits.device)
+        floor = _exp_floor(vocab, cdt)
+        if rho is not None:
+            cut, fill = _below(_log_rho(rho, cdt), cdt), _pruned_fill(rho, vocab, cdt)
+            # pruned entries end at exp(fill − log S) ≤ exp(fill); every kept π^mp is above it
+            zero_below = float(torch.tensor(fill, dtype=cdt).exp())
+        coef_all = g_logp.to(cdt) / temperature  # (N,)
+        for i, block in _row_blocks(logits, chunk):
+            c = block.shape[0]
+            p = gflat[i : i + c] if direct else work[:c]  # (c, V)
+            _shift_into(block, temperature, p, m_all[i : i + c])
+            if rho is not None:
+                F.threshold_(p, cut, fill)
+            else:
+                p.clamp_(min=floor)
+            p.sub_(log_s[i : i + c]).exp_()  # π^mp
+            if rho is not None and zero_below > 0:
+                F.threshold_(p, zero_below, 0.0)  # exactly 0 outside V_S: no gradient leaks there
+            coef = coef_all[i : i + c, None]  # (c, 1)
+            p.mul_(-coef)
+            p.scatter_add_(1, tokens[i : i + c, None], coef * keep_tok[i : i + c, None])
+            if not direct:
+                gflat[i : i + c].copy_(p)
+        return grad, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# public fast functions
+
+
+@torch.no_grad()
+def safe_mask(
+    logits: torch.Tensor, rho: float | None, *, temperature: float = 1.0, chunk_size: int | None = None
+) -> torch.Tensor:
+    """The min-p safe set ``V_S``: ``z_a / T − max_b z_b / T ≥ log ρ`` (the argmax is always kept).
+
+    Computed without gradient, chunked over rows so only a ``[chunk, V]`` fp32 scratch block is used on
+    top of the ``[..., V]`` bool result.
+
+    Args:
+        logits: ``[..., V]`` logits, any float dtype.
+        rho: threshold in (0, 1]; ``None`` keeps everything. ρ = 1 keeps only the argmax(es).
+        temperature: logits are divided by this first, as the sampler does.
+        chunk_size: rows per chunk; ``None`` sizes chunks to :data:`DEFAULT_BLOCK_BYTES`.
+
+    Returns:
+        ``[..., V]`` bool, True for tokens in the safe set.
+
+    >>> z = torch.tensor([[0.0, -1.0, -20.0], [3.0, 3.0, -9.0]])
+    >>> safe_mask(z, rho=1e-3)  # log ρ = -6.9
+    tensor([[ True,  True, False],
+            [ True,  True, False]])
+    >>> safe_mask(z, rho=1.0)  # ties at the max are all kept
+    tensor([[ True, False, False],
+            [ True,  True, False]])
+    """
+    _check_common(logits, rho, temperature, chunk_size)
+    if rho is None:
+        return torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    vocab = logits.shape[-1]
+    n = logits.numel() // vocab
+    cdt = _compute_dtype(logits.dtype)
+    chunk = min(_auto_chunk(vocab, chunk_size), max(n, 1))
+    lr = _log_rho(rho, cdt)
+    out = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)  # (..., V)
+    oflat = out.view(-1, vocab)  # (N, V)
+    work = torch.empty(chunk, vocab, dtype=cdt, device=logits.device)  # (chunk, V)
+    m_all = torch.empty(n, 1, dtype=cdt, device=logits.device)
+    for i, block in _row_blocks(logits, chunk):
+        c = block.shape[0]
+        m_all[i : i + c] = _shift_into(block, temperature, work[:c])
+        torch.ge(work[:c], lr, out=oflat[i : i + c])
+    n_bad = int((~torch.isfinite(m_all)).sum())
+    if n_bad:
+        _raise_nonfinite(n_bad)
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rho: float | None = None,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``log π^mp(token)`` for each row: the DVP log-prob of the given tokens (memory-lean, chunked).
+
+    Equivalent to :func:`token_logprobs_reference`, i.e.
+    ``log_softmax(where(safe_mask, z / T, max − MASK_MARGIN)).gather(tokens)``, and to plain
+    ``log_softmax(z / T).gather(tokens)`` when ``rho`` is None, but never builds an ``[N, V]`` tensor
+    beyond the logits (and, with autograd, their gradient): one ``[chunk, V]`` fp32 workspace is reused.
+    A token outside the safe set gets ``≈ −MASK_MARGIN − log Z'`` (finite) and no gradient of its own.
+
+    Args:
+        logits: ``[..., V]`` logits (fp32/bf16/fp16/fp64; non-contiguous slices such as
+            ``logits[:, :-1]`` are read in place, not copied).
+        tokens: ``[...]`` integer token ids in ``[0, V)``, same leading shape as ``logits``.
+        rho: min-p threshold in (0, 1]; ``None`` gives the plain log-softmax.
+        chunk_size: rows per chunk (peak extra memory ≈ ``chunk_size × V × 4`` bytes); ``None`` sizes
+            chunks to :data:`DEFAULT_BLOCK_BYTES`.
+        temperature: logits are divided by this before masking and softmax (as the sampler does).
+
+    Returns:
+        ``[...]`` fp32 log-probs (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
+
+    >>> z = torch.tensor([[2.0, 1.0, -30.0]])
+    >>> token_logprobs(z, torch.tensor([1]))  # plain log-softmax
+    tensor([-1.3133])
+    >>> token_logprobs(z, torch.tensor([1]), rho=1e-3)  # -30 is pruned: renormalised over {0, 1}
+    tensor([-1.3133])
+    >>> token_logprobs(z, torch.tensor([2]), rho=1e-3)  # pruned: finite, -MASK_MARGIN - log S
+    tensor([-1000.3132])
+    """
+    _check_common(logits, rho, temperature, chunk_size)
+    _check_tokens(tokens, logits)
+    flat_tokens = tokens.reshape(-1).long()  # (N,)
+    (logp,) = _MaskedLogProb.apply(logits, flat_tokens, rho, float(temperature), chunk_size, False)
+    return logp.view(tokens.shape)
+
+
+@dataclass
+class TokenStats:
+    """Per-position DVP statistics from one pass over the logits (:func:`token_stats`).
+
+    All tensors have the tokens' shape.
+    """
+
+    logp: torch.Tensor
+    """``log π^mp(token)``, fp32, differentiable w.r.t. the logits (the loss uses it)."""
+    logz: torch.Tensor
+    """``log Z``, the log of the π-mass kept by the safe set (≤ 0; 0 when ρ is None), detached."""
+    entropy: torch.Tensor
+    """Entropy of ``π^mp`` in nats (plain entropy when ρ is None), detached."""
+    safe_size: torch.Tensor
+    """``|V_S|`` as int64 (``V`` when ρ is None), detached."""
+
+
+def token_stats(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rho: float | None = None,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> TokenStats:
+    """``log π^mp`` of the tokens plus ``log Z``, entropy and ``|V_S|``, all from one chunked pass.
+
+    Same values as :func:`token_logprobs`, :func:`retained_mass` (as ``log Z``), :func:`masked_entropy`
+    and :func:`safe_set_size`. Uses one ``[chunk, V]`` fp32 workspace plus (with ρ) one ``[chunk, V]``
+    bool block. Only ``logp`` carries gradient.
+
+    Args:
+        logits: ``[..., V]`` logits.
+        tokens: ``[...]`` token ids in ``[0, V)``.
+        rho: min-p threshold in (0, 1], or ``None`` for no pruning.
+        chunk_size: rows per chunk; ``None`` sizes chunks to :data:`DEFAULT_BLOCK_BYTES`.
+        temperature: logits are divided by this first.
+
+    Returns:
+        A :class:`TokenStats`.
+
+    >>> st = token_stats(torch.tensor([[2.0, 1.0, -6.0]]), torch.tensor([0]), rho=1e-3)
+    >>> st.logp, st.logz.exp(), st.entropy, st.safe_size  # -6 is 8 nats below the max: pruned
+    (tensor([-0.3133]), tensor([0.9998]), tensor([0.5822]), tensor([2]))
+    """
+    _check_common(logits, rho, temperature, chunk_size)
+    _check_tokens(tokens, logits)
+    flat_tokens = tokens.reshape(-1).long()  # (N,)
+    logp, logz, ent, size = _MaskedLogProb.apply(
+        logits, flat_tokens, rho, float(temperature), chunk_size, True
+    )
+    shape = tokens.shape
+    return TokenStats(
+        logp=logp.view(shape), logz=logz.view(shape), entropy=ent.view(shape), safe_size=size.view(shape)
+    )
+
+
+@torch.no_grad()
+def _row_stats(logits: torch.Tensor, rho: float | None, temperature: float, chunk_size: int | None) -> _Pass:
+    _check_common(logits, rho, temperature, chunk_size)
+    return _fused_pass(logits, None, rho, float(temperature), chunk_size, stats=True)
+
+
+def retained_mass(
+    logits: torch.Tensor, rho: float | None, *, chunk_size: int | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Retained mass ``Z = Σ_{a ∈ V_S} π(a)`` per row, in (0, 1]; ``1 − Z = D_TV(π, π^mp)`` (Prop 5.4).
+
+    Args:
+        logits: ``[..., V]`` logits.
+        rho: min-p threshold in (0, 1]; ``None`` gives ones.
+        chunk_size: rows per chunk; ``None`` sizes chunks automatically.
+        temperature: logits are divided by this first.
+
+    Returns:
+        ``[...]`` fp32 (fp64 for fp64 logits), no gradient.
+
+    >>> retained_mass(torch.tensor([[0.0, 0.0, -20.0]]), rho=None)
+    tensor([1.])
+    >>> retained_mass(torch.tensor([[0.0, -5.0]]), rho=0.01)  # drops e^-5 / (1 + e^-5)
+    tensor([0.9933])
+    """
+    res = _row_stats(logits, rho, temperature, chunk_size)
+    return res.logz.exp().view(logits.shape[:-1])
+
+
+def masked_entropy(
+    logits: torch.Tensor, rho: float | None = None, *, chunk_size: int | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Entropy (nats) of ``π^mp`` per row; the plain softmax entropy when ``rho`` is None.
+
+    Args:
+        logits: ``[..., V]`` logits.
+        rho: min-p threshold in (0, 1], or ``None``.
+        chunk_size: rows per chunk; ``None`` sizes chunks automatically.
+        temperature: logits are divided by this first.
+
+    Returns:
+        ``[...]`` fp32 (fp64 for fp64 logits), ≥ 0, no gradient.
+
+    >>> masked_entropy(torch.zeros(1, 4))  # uniform over 4: log 4
+    tensor([1.3863])
+    >>> masked_entropy(torch.tensor([[0.0, 0.0, -20.0, -20.0]]), rho=1e-3)  # uniform over 2
+    tensor([0.6931])
+    """
+    res = _row_stats(logits, rho, temperature, chunk_size)
+    return res.entropy.view(logits.shape[:-1])
+
+
+def safe_set_size(
+    logits: torch.Tensor, rho: float | None, *, chunk_size: int | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """``|V_S|`` per row (int64, ≥ 1); ``V`` when ``rho`` is None.
+
+    Args:
+        logits: ``[..., V]`` logits.
+        rho: min-p threshold in (0, 1], or ``None``.
+        chunk_size: rows per chunk; ``None`` sizes chunks automatically.
+        temperature: logits are divided by this first.
+
+    Returns:
+        ``[...]`` int64.
+
+    >>> safe_set_size(torch.tensor([[0.0, -1.0, -20.0], [0.0, 0.0, 0.0]]), rho=1e-3)
+    tensor([2, 3])
+    """
+    res = _row_stats(logits, rho, temperature, chunk_size)
+    return res.safe_size.view(logits.shape[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# naive references (full [..., V] tensors; the definitions the fast paths are tested against)
+
+
+def masked_logits(logits: torch.Tensor, rho: float | None, *, temperature: float = 1.0) -> torch.Tensor:
+    """``z / T`` with tokens outside the safe set replaced by ``max(z / T) − MASK_MARGIN`` (full tensor).
+
+    ``softmax`` of the result is ``π^mp``. The mask and the mask value carry no gradient. Builds
+    ``[..., V]`` tensors: fine for notebooks and small vocabularies, use :func:`token_logprobs` in training.
+
+    Args:
+        logits: ``[..., V]`` logits.
+        rho: min-p threshold in (0, 1], or ``None`` (then just ``z / T``).
+        temperature: logits are divided by this first.
+
+    Returns:
+        ``[..., V]`` fp32 (fp64 for fp64 logits).
+
+    >>> masked_logits(torch.tensor([[1.0, 0.0, -20.0]]), rho=1e-3)
+    tensor([[   1.,    0., -999.]])
+    """
+    _check_common(logits, rho, temperature, None)
+    z = _scaled_reference(logits, temperature)  # (..., V)
+    if rho is None:
+        return z
+    with torch.no_grad():
+        m = z.amax(-1, keepdim=True)  # (..., 1)
+        keep = (z - m) >= _log_rho(rho, z.dtype)  # (..., V)
+    return torch.where(keep, z, m - MASK_MARGIN)
+
+
+def safe_mask_reference(logits: torch.Tensor, rho: float | None, *, temperature: float = 1.0) -> torch.Tensor:
+    """Naive :func:`safe_mask`: ``(z / T − max) ≥ log ρ`` on the full tensor.
+
+    >>> safe_mask_reference(torch.tensor([[0.0, -1.0, -20.0]]), 1e-3)
+    tensor([[ True,  True, False]])
+    """
+    _check_common(logits, rho, temperature, None)
+    z = _scaled_reference(logits, temperature).detach()  # (..., V)
+    if rho is None:
+        return torch.ones(z.shape, dtype=torch.bool, device=z.device)
+    return (z - z.amax(-1, keepdim=True)) >= _log_rho(rho, z.dtype)
+
+
+def token_logprobs_reference(
+    logits: torch.Tensor, tokens: torch.Tensor, rho: float | None = None, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Naive :func:`token_logprobs`: ``log_softmax(masked_logits(z)).gather(tokens)``.
+
+    >>> token_logprobs_reference(torch.tensor([[2.0, 1.0, -30.0]]), torch.tensor([1]), rho=1e-3)
+    tensor([-1.3133])
+    """
+    _check_tokens(tokens, logits)
+    logp = torch.log_softmax(masked_logits(logits, rho, temperature=temperature), dim=-1)  # (..., V)
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def retained_mass_reference(
+    logits: torch.Tensor, rho: float | None, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Naive :func:`retained_mass`: ``Σ softmax(z / T) · mask``.
+
+    >>> retained_mass_reference(torch.tensor([[0.0, -5.0]]), 0.01)
+    tensor([0.9933])
+    """
+    _check_common(logits, rho, temperature, None)
+    with torch.no_grad():
+        p = torch.softmax(_scaled_reference(logits, temperature), dim=-1)  # (..., V)
+        return (p * safe_mask_reference(logits, rho, temperature=temperature)).sum(-1)
+
+
+def masked_entropy_reference(
+    logits: torch.Tensor, rho: float | None = None, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Naive :func:`masked_entropy`: ``−Σ p log p`` of ``softmax(masked_logits)`` (0 · log 0 = 0).
+
+    >>> masked_entropy_reference(torch.tensor([[0.0, 0.0, -20.0, -20.0]]), 1e-3)
+    tensor([0.6931])
+    """
+    with torch.no_grad():
+        logp = torch.log_softmax(masked_logits(logits, rho, temperature=temperature), dim=-1)  # (..., V)
+        p = logp.exp()
+        return -torch.where(p > 0, p * logp, 0.0).sum(-1)
+
+
+def safe_set_size_reference(
+    logits: torch.Tensor, rho: float | None, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Naive :func:`safe_set_size`: the number of True entries of the safe mask.
+
+    >>> safe_set_size_reference(torch.tensor([[0.0, -1.0, -20.0]]), 1e-3)
+    tensor([2])
+    """
+    return safe_mask_reference(logits, rho, temperature=temperature).sum(-1)
