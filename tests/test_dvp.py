@@ -140,8 +140,9 @@ def test_safe_mask_is_bit_identical_to_reference(dtype, rho, temperature):
     assert bool(got[z == z.amax(-1, keepdim=True)].all())
 
 
-def test_large_vocab_matches_reference():
-    """Qwen-sized vocabulary (151,936) with the auto chunk size (several chunks of rows)."""
+def test_large_vocab_matches_reference(monkeypatch):
+    """Qwen-sized vocabulary (151,936) with the auto chunk size (made small: several chunks of rows)."""
+    monkeypatch.setattr(dvp, "DEFAULT_BLOCK_BYTES", 16 * 2**20)
     vocab = 151_936
     logits = make_logits((2, 36, vocab), seed=7, dtype=torch.bfloat16, scale=3.0)
     tokens = make_tokens((2, 36), vocab, seed=7)
@@ -151,7 +152,7 @@ def test_large_vocab_matches_reference():
     v, g = grads(lambda x: token_logprobs(x, tokens, DEFAULT_RHO), logits, upstream)
     torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, ref_g)
-    assert dvp._auto_chunk(vocab, None) < 72  # really chunked
+    assert dvp._auto_chunk(vocab, None) < 36  # really chunked
 
 
 @pytest.mark.slow  # importing trl (and transformers) takes ~5-10 s
@@ -218,6 +219,40 @@ def test_gradient_structure():
     torch.testing.assert_close(x.grad[1, :3], -p / temperature)
     assert torch.equal(x.grad[:, 3:], torch.zeros(2, 2))
     torch.testing.assert_close(x.grad.sum(-1), torch.tensor([0.0, -1 / temperature]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rho", [DEFAULT_RHO, 0.3, 1e-300], ids=str)
+def test_no_gradient_reaches_pruned_logits(dtype, rho):
+    """Exactly zero gradient outside the safe set, for every dtype and for the tiny-ρ (−inf fill) path."""
+    logits = make_logits((5, 300), seed=4, dtype=dtype, scale=4.0)
+    if rho == 1e-300:  # a tail beyond −log ρ ≈ 690 so something is pruned (fp16 cannot hold it)
+        logits[:, 100:] = -900.0 if dtype != torch.float16 else -60000.0
+    tokens = make_tokens((5,), 300, seed=4)
+    x = logits.clone().requires_grad_(True)
+    token_logprobs(x, tokens, rho, chunk_size=2).sum().backward()
+    pruned = ~safe_mask(logits, rho)
+    assert bool(pruned.any())
+    assert bool((x.grad[pruned] == 0).all())
+    assert bool((x.grad[~pruned] != 0).any())
+    _, ref_g = grads(lambda y: token_logprobs_reference(y, tokens, rho), logits, torch.ones(5))
+    torch.testing.assert_close(
+        x.grad, ref_g, **({} if dtype in (torch.bfloat16, torch.float16) else tol(dtype))
+    )
+
+
+def test_autocast_does_not_change_results():
+    logits = make_logits((4, 6, 70), seed=6)
+    tokens = make_tokens((4, 6), 70, seed=6)
+    plain = token_stats(logits, tokens, DEFAULT_RHO)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = logits.clone().requires_grad_(True)
+        cast = token_stats(x, tokens, DEFAULT_RHO)
+        cast.logp.sum().backward()
+    assert cast.logp.dtype == torch.float32
+    assert torch.equal(cast.logp.detach(), plain.logp) and torch.equal(cast.entropy, plain.entropy)
+    _, ref_g = grads(lambda y: token_logprobs_reference(y, tokens, DEFAULT_RHO), logits, torch.ones(4, 6))
+    torch.testing.assert_close(x.grad, ref_g, **tol(torch.float32))
 
 
 def test_masked_token_value_is_finite_and_documented():

@@ -1,13 +1,32 @@
 """A short supervised warm start, so RL begins from a competent (and realistically peaked) policy.
 
-Why it is fast (MEASUREMENTS.md: a plain SFT of a 5 M-parameter model took ~9 min here):
+``sft_policy(PRESETS["add2"])`` returns a model directory, training it only when no cached copy
+exists; ``load_policy`` it, or name it as the trainer's ``model``. The recipes in :data:`PRESETS`
+are also shipped as small pretrained policies under ``workbench/assets/policies`` (remake one with
+``workbench sft --preset NAME --out workbench/assets/policies``).
 
-1. A small model (hidden 64–96, 2 layers; the 4k-id vocabulary is the bulk of the parameters).
-2. Loss on the completion tokens only, where the information is; prompts are free context.
-3. A high peak learning rate with linear warm-up and cosine decay, which tiny models tolerate.
-4. Results are cached by a hash of the config, and the recipes in :data:`PRESETS` are shipped as
-   small pretrained policies under ``workbench/assets/policies`` (remake them with
-   ``workbench sft --preset NAME --out workbench/assets/policies``).
+How it departs from a plain SFT loop (MEASUREMENTS.md: a 5 M-parameter model took ~9 min here):
+
+1. **A small model.** On 2 CPU cores a step is compute-bound: it costs about
+   ``6 × (body parameters + hidden × vocab) FLOPs`` per trained token, and the tied 4,096-id
+   embedding already holds most of the parameters. The presets use the default
+   :class:`~workbench.models.TinyModelConfig` width, which learns 2-digit addition about as fast
+   per example as a 2–4× wider one.
+2. **Logits only where the loss is.** The decoder runs on the whole sequence but the lm_head (the
+   ``hidden × vocab`` matmul and the 4,096-way softmax, the bulk of the cost) runs only on the
+   completion positions (:func:`sft_loss`; :func:`sft_loss_reference` is the plain version it is
+   tested against). The prompt is random digits: nothing to learn there.
+3. **No padding work.** Sequences are right-padded with no attention mask: a causal model's real
+   tokens never attend to the later pads, and their positions ``0, 1, …`` are the ones the engines
+   give left-padded prompts (``cumsum(attention_mask) − 1``). Packing would need block-diagonal
+   masks for < 30 % padding, so there is none.
+4. **A schedule tuned for the toy**: AdamW at a high peak rate after a linear warm-up, cosine decay.
+5. **Caching by recipe hash** (:meth:`SFTConfig.digest`, which also covers :data:`SFT_CODE_VERSION`)
+   and shipped policies, so notebooks and tests start in seconds.
+
+The vocabulary stays at 4,096 ids: the never-trained ``<unused_i>`` ids are the *tail* the research
+is about (THEORY.md). :func:`tail_stats` measures how far below the top logit they sit;
+``label_smoothing > 0`` (preset ``multiadd_smooth``) leaves a heavier tail.
 """
 
 from __future__ import annotations
@@ -30,50 +49,117 @@ from tqdm.auto import tqdm
 
 from workbench import models, tasks
 
+SFT_CODE_VERSION: int = 2
+"""Bumped whenever :func:`train_sft` changes what a given config produces; part of every digest, so
+stale cache entries and shipped policies are recognised as such."""
+EVAL_SAMPLES: int = 256
+"""Responses :func:`sft_policy` samples (temperature 1, seed :data:`EVAL_SEED`) to record accuracy."""
+EVAL_SEED: int = 0
+"""Seed of the recorded accuracy evaluation (problems and sampling)."""
+REMAKE_COMMAND: str = "workbench sft --preset {name} --out workbench/assets/policies"
+"""How a shipped policy is remade (recorded in its metadata)."""
+IGNORE_INDEX: int = -100
+"""Label of positions that carry no loss (prompt and padding), as in ``F.cross_entropy``."""
+
+
+def _check(name: str, value: Any, ok: bool, allowed: str, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"SFTConfig.{name}={value!r} is invalid: allowed {allowed}; {fix}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """A warm-start recipe. Its hash names the cache entry, so every field matters."""
+    """A warm-start recipe. Its :meth:`digest` names the cache entry, so every field matters.
+
+    >>> cfg = SFTConfig(task="addition", task_kwargs={"digits": 1}, steps=10, warmup_steps=2)
+    >>> SFTConfig.from_dict(cfg.to_dict()) == cfg, len(cfg.digest())
+    (True, 16)
+    """
 
     task: str = "addition"
     """Task name from ``workbench.tasks.TASKS``."""
     task_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the task constructor."""
+    """Keyword arguments for the task constructor (JSON-serialisable: they are hashed)."""
     model: models.TinyModelConfig = field(default_factory=models.TinyModelConfig)
-    """Architecture of the tiny model to train from scratch."""
-    steps: int = 600
+    """Architecture (and init seed) of the tiny model trained from scratch. Keep ``vocab_size`` at
+    4,096: the never-trained ids are the tail the research studies."""
+    steps: int = 2000
     """Optimizer steps."""
     batch_size: int = 64
     """Sequences per step."""
     lr: float = 3e-3
-    """Peak AdamW learning rate."""
-    warmup_steps: int = 30
-    """Linear warm-up steps before the cosine decay."""
+    """Peak AdamW learning rate (tiny models tolerate a high one; 1e-2 stalls them)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay (at least ``steps``: the rate only ramps up, so
+    ``dataclasses.replace(preset, steps=3)`` stays a valid smoke test)."""
     min_lr_frac: float = 0.05
     """Final learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the matrices (embedding included); norms are never decayed."""
     label_smoothing: float = 0.0
-    """Cross-entropy label smoothing; > 0 leaves a heavier tail on the unused ids."""
+    """Cross-entropy label smoothing ε: the target puts ε/V on every id, so the unused ids settle
+    about ``log((1 − ε)·V/ε)`` nats below the top (10.5 nats for ε = 0.1, V = 4,096) — a heavier,
+    more realistic tail than plain SFT leaves."""
     seed: int = 0
-    """Seeds data order and initialisation."""
+    """Seeds the data order (the model's init has its own ``model.seed``)."""
 
     def __post_init__(self) -> None:
-        for name, value, ok, allowed in [
-            ("steps", self.steps, self.steps >= 1, ">= 1"),
-            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
-            ("lr", self.lr, 0 < self.lr < 1, "0 < lr < 1"),
-            (
-                "warmup_steps",
-                self.warmup_steps,
-                0 <= self.warmup_steps < self.steps,
-                "0 <= warmup_steps < steps",
-            ),
-            ("min_lr_frac", self.min_lr_frac, 0 <= self.min_lr_frac <= 1, "[0, 1]"),
-            ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "[0, 1)"),
-        ]:
-            if not ok:
-                raise ValueError(f"SFTConfig.{name}={value!r} is invalid: allowed {allowed}")
-        if self.task not in tasks.TASKS:
-            raise ValueError(f"SFTConfig.task={self.task!r} is unknown: allowed {sorted(tasks.TASKS)}")
+        if not isinstance(self.task, str) or self.task not in tasks.TASKS:
+            raise ValueError(
+                f"SFTConfig.task={self.task!r} is unknown: allowed {sorted(tasks.TASKS)}; "
+                "pick a registered task name"
+            )
+        if not isinstance(self.task_kwargs, Mapping):
+            raise ValueError(
+                f"SFTConfig.task_kwargs={self.task_kwargs!r} must be a mapping such as {{'digits': 2}}"
+            )
+        try:
+            json.dumps(dict(self.task_kwargs), sort_keys=True)
+        except TypeError as e:
+            raise ValueError(
+                f"SFTConfig.task_kwargs={self.task_kwargs!r} must be JSON-serialisable (it is hashed): {e}"
+            ) from e
+        tasks.make_task(self.task, **dict(self.task_kwargs))  # raises a ValueError naming a bad knob
+        if not isinstance(self.model, models.TinyModelConfig):
+            raise ValueError(
+                f"SFTConfig.model={self.model!r} must be a workbench.models.TinyModelConfig "
+                "(SFTConfig.from_dict turns a dict into one)"
+            )
+        _check("steps", self.steps, _is_int(self.steps) and self.steps >= 1, "an integer >= 1", "e.g. 2000")
+        _check(
+            "batch_size",
+            self.batch_size,
+            _is_int(self.batch_size) and self.batch_size >= 1,
+            "an integer >= 1",
+            "e.g. 64",
+        )
+        _check("lr", self.lr, _is_real(self.lr) and 0 < self.lr < 1, "0 < lr < 1", "e.g. 3e-3")
+        _check(
+            "warmup_steps",
+            self.warmup_steps,
+            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            "an integer >= 0",
+            "e.g. 50 (a warm-up longer than the run just never reaches the peak rate)",
+        )
+        for name in ("min_lr_frac", "weight_decay"):
+            value = getattr(self, name)
+            _check(name, value, _is_real(value) and 0 <= value <= 1, "a number in [0, 1]", "e.g. 0.05")
+        _check(
+            "label_smoothing",
+            self.label_smoothing,
+            _is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            "a number in [0, 1)",
+            "0 for plain cross-entropy, e.g. 0.1 for a heavier tail",
+        )
+        _check("seed", self.seed, _is_int(self.seed) and self.seed >= 0, "an integer >= 0", "e.g. 0")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (nested model config included)."""
@@ -83,38 +169,131 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SFTConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` listing the known ones."""
         data = dict(data)
-        data["model"] = models.TinyModelConfig(**data.get("model", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SFTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        model = data.get("model", {})
+        if isinstance(model, Mapping):
+            data["model"] = models.TinyModelConfig(**model)
         return cls(**data)
 
     def digest(self) -> str:
-        """Short stable hash of the recipe (the cache key)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Short stable hash of the recipe and :data:`SFT_CODE_VERSION` (the cache key)."""
+        payload = {"code_version": SFT_CODE_VERSION, **self.to_dict()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def make_task(self) -> tasks.Task:
+        """The task this recipe trains on."""
+        return tasks.make_task(self.task, **dict(self.task_kwargs))
 
 
 #: Recipes of the shipped policies (``workbench/assets/policies/<name>``).
 PRESETS: dict[str, SFTConfig] = {
     # 2-digit additions, answer then eos: the default policy of the trainer and the notebooks.
     "add2": SFTConfig(task="addition", task_kwargs={"digits": 2}),
-    # Pose-and-solve further additions: long (~24-token) open-ended responses for the collapse experiments.
-    "multiadd": SFTConfig(task="multiadd", steps=800),
+    # Answer, then pose and solve two more additions (~24-token responses): the collapse experiments.
+    "multiadd": SFTConfig(task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}),
+    # The same with label smoothing: a heavier tail of unused ids, closer to a real LLM's.
+    "multiadd_smooth": SFTConfig(
+        task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, label_smoothing=0.1
+    ),
 }
 
 
-def _batch(task: tasks.Task, tokenizer: Any, n: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, labels)``; labels are −100 on prompt and padding positions."""
-    seqs, labels = [], []
-    for problem in task.sample(n, rng):
-        prompt = models.encode_prompt(tokenizer, problem.prompt)
-        full = models.encode_prompt(tokenizer, task.sft_text(problem)) + [tokenizer.eos_token_id]
-        seqs.append(full)
-        labels.append([-100] * len(prompt) + full[len(prompt) :])
-    width = max(map(len, seqs))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])  # (B, L)
-    lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels])  # (B, L)
-    return ids, lab
+def sft_batch(
+    task: tasks.Task, tokenizer: Any, problems: list[tasks.Problem]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, labels)`` of the problems' ideal completions, eos appended.
+
+    Labels equal the ids on the completion (eos included) and :data:`IGNORE_INDEX` on the prompt and
+    the padding, so only the completion is learned.
+
+    Args:
+        task: supplies ``sft_text(problem)`` = prompt + ideal completion.
+        tokenizer: a tokenizer whose prompt ids are a prefix of its prompt + completion ids (true of
+            the char-level :func:`workbench.models.build_tokenizer`).
+        problems: the batch.
+
+    Returns:
+        ``input_ids`` and ``labels``, both ``LongTensor[B, L]``.
+
+    >>> tok = models.build_tokenizer(64)
+    >>> ids, labels = sft_batch(tasks.AdditionTask(1), tok, [tasks.Problem("3+4=", "7")])
+    >>> tok.decode(ids[0]), labels[0].tolist()
+    ('3+4=7<eos>', [-100, -100, -100, -100, 11, 2])
+    """
+    if not problems:
+        raise ValueError("problems=[] is empty; pass at least one problem")
+    fulls = tokenizer([task.sft_text(p) for p in problems], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    width = max(len(f) for f in fulls) + 1  # + eos
+    ids = torch.full((len(problems), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, L)
+    labels = torch.full((len(problems), width), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    for i, (full, prompt) in enumerate(zip(fulls, prompts)):
+        if full[: len(prompt)] != prompt:
+            raise ValueError(
+                f"the tokenizer does not encode the prompt {problems[i].prompt!r} as a prefix of the "
+                "prompt + completion; SFT label masking needs a char-level tokenizer "
+                "(workbench.models.build_tokenizer)"
+            )
+        seq = torch.tensor([*full, tokenizer.eos_token_id])
+        ids[i, : len(seq)] = seq
+        labels[i, len(prompt) : len(seq)] = seq[len(prompt) :]
+    return ids, labels
+
+
+def sft_loss(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, computing logits only there.
+
+    Equivalent to :func:`sft_loss_reference` (full logits, ``ignore_index``) but runs the lm_head —
+    ``hidden × vocab`` per position plus a ``vocab``-way softmax, most of a tiny model's cost — only
+    on positions whose next token is labelled. No attention mask: pass right-padded ``input_ids``.
+
+    Args:
+        model: a Hugging Face causal LM (``get_decoder()`` + ``get_output_embeddings()``).
+        input_ids: ``LongTensor[B, L]``, right-padded.
+        labels: ``LongTensor[B, L]``, :data:`IGNORE_INDEX` where there is no loss.
+        label_smoothing: as in ``F.cross_entropy``.
+
+    Returns:
+        A scalar fp32 tensor.
+    """
+    targets = labels[:, 1:]  # (B, L-1): position t predicts token t+1
+    keep = targets != IGNORE_INDEX  # (B, L-1)
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state  # (B, L, H)
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+    return F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
+
+
+def sft_loss_reference(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Plain version of :func:`sft_loss`: full ``(B, L, V)`` logits, ``ignore_index`` on the rest."""
+    logits = model(input_ids=input_ids).logits  # (B, L, V)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),  # (B*(L-1), V)
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+    )
+
+
+def lr_factor(step: int, cfg: SFTConfig) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up to 1, cosine decay to ``min_lr_frac``.
+
+    >>> cfg = SFTConfig(steps=100, warmup_steps=10, min_lr_frac=0.1)
+    >>> [round(lr_factor(s, cfg), 3) for s in (0, 9, 10, 55, 100)]
+    [0.1, 1.0, 1.0, 0.55, 0.1]
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_sft(
@@ -125,54 +304,77 @@ def train_sft(
 ) -> tuple[torch.nn.Module, Any, list[float]]:
     """Train a tiny policy from scratch on ``cfg.task``'s ideal completions.
 
-    Returns ``(model, tokenizer, losses)``; ``callback(step, loss)`` is called after every step.
+    Deterministic given ``cfg`` (and the machine's float arithmetic): the data come from
+    ``random.Random(cfg.seed)``, the init from ``cfg.model.seed``; the global torch RNG is untouched.
+
+    Args:
+        cfg: the recipe.
+        progress: show a tqdm bar.
+        callback: called as ``callback(step, loss)`` after every step.
+
+    Returns:
+        ``(model, tokenizer, losses)``: the model in eval mode (fp32), its tokenizer, the loss of
+        every step.
     """
     rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    task = tasks.make_task(cfg.task, **dict(cfg.task_kwargs))
+    task = cfg.make_task()
     tokenizer = models.build_tokenizer(cfg.model.vocab_size)
-    model = models.build_tiny_model(cfg.model, tokenizer)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress_ = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model = models.build_tiny_model(cfg.model, tokenizer).train()
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": matrices, "weight_decay": cfg.weight_decay},
+            {"params": vectors, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     losses: list[float] = []
-    for step in tqdm(range(cfg.steps), desc=f"sft {cfg.task}", disable=not progress, leave=False):
-        ids, labels = _batch(task, tokenizer, cfg.batch_size, rng)
-        logits = model(
-            input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()
-        ).logits  # (B, L, V)
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            labels[:, 1:].flatten(),
-            ignore_index=-100,
-            label_smoothing=cfg.label_smoothing,
-        )
+    bar = tqdm(range(cfg.steps), desc=f"sft {cfg.task}", disable=not progress, leave=False)
+    for step in bar:
+        ids, labels = sft_batch(task, tokenizer, task.sample(cfg.batch_size, rng))  # (B, L) each
+        if ids.shape[1] > cfg.model.max_position_embeddings:
+            raise ValueError(
+                f"a training sequence has {ids.shape[1]} tokens but "
+                f"SFTConfig.model.max_position_embeddings={cfg.model.max_position_embeddings}; raise it"
+            )
+        loss = sft_loss(model, ids, labels, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if callback is not None:
-            callback(step, float(loss))
+            callback(step, losses[-1])
+        if progress and step % 50 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return model, tokenizer, losses
 
 
 @torch.no_grad()
 def sampled_accuracy(
-    model: torch.nn.Module, tokenizer: Any, task: tasks.Task, n: int = 256, seed: int = 0
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: tasks.Task,
+    n: int = EVAL_SAMPLES,
+    seed: int = EVAL_SEED,
+    *,
+    temperature: float = 1.0,
 ) -> float:
-    """Mean reward of ``n`` responses sampled at temperature 1 (what RL starts from)."""
+    """Mean reward of ``n`` responses sampled at ``temperature`` (1: what RL starts from).
+
+    One response per problem, from :class:`workbench.engines.TorchEngine` in fp32 with no min-p
+    (``rho=None``); the problems are ``task.sample(n, random.Random(seed))`` and sampling is seeded
+    with ``seed``, so the result is reproducible.
+    """
     from workbench.engines import TorchEngine
 
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"n={n!r} must be an integer >= 1 (responses to sample)")
     problems = task.sample(n, random.Random(seed))
     engine = TorchEngine(
         model, dtype="fp32", eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
@@ -182,14 +384,88 @@ def sampled_accuracy(
         n=1,
         max_tokens=task.max_new_tokens,
         rho=None,
-        temperature=1.0,
+        temperature=temperature,
         seed=seed,
     )
     total = 0.0
-    for p, row, length in zip(problems, rollout.tokens.tolist(), rollout.lengths.tolist()):
+    for problem, row, length in zip(problems, rollout.tokens.tolist(), rollout.lengths.tolist()):
         text = tokenizer.decode([t for t in row[:length] if t != tokenizer.eos_token_id])
-        total += task.reward(p, text)
+        total += task.reward(problem, text)
     return total / n
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: torch.nn.Module, tokenizer: Any, task: tasks.Task, n: int = EVAL_SAMPLES, seed: int = EVAL_SEED
+) -> float:
+    """Mean reward of greedy (argmax) responses to ``task.sample(n, random.Random(seed))``.
+
+    Prompts are grouped by length and decoded with ``model.generate(do_sample=False)`` without
+    padding, so no position or mask convention is involved.
+    """
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"n={n!r} must be an integer >= 1 (problems to answer)")
+    problems = task.sample(n, random.Random(seed))
+    by_length: dict[int, list[tuple[tasks.Problem, list[int]]]] = {}
+    for p in problems:
+        ids = models.encode_prompt(tokenizer, p.prompt)
+        by_length.setdefault(len(ids), []).append((p, ids))
+    total = 0.0
+    for length, group in by_length.items():
+        prompt = torch.tensor([ids for _, ids in group])  # (G, P)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=task.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # (G, P + T)
+        for (p, _), row in zip(group, out[:, length:].tolist()):
+            cut = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
+            total += task.reward(p, tokenizer.decode(row[:cut]))
+    return total / n
+
+
+@torch.no_grad()
+def tail_stats(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: tasks.Task,
+    *,
+    n: int = 64,
+    seed: int = EVAL_SEED,
+    log_rho: float = -13.0,
+) -> dict[str, float]:
+    """How far below the top the vocabulary's tail sits, on the completions of ``n`` problems.
+
+    Teacher-forced on ``task.sft_text`` (every completion position, eos included). "Unused" ids are
+    those at or above :data:`workbench.models.MIN_VOCAB_SIZE`: the ``<unused_i>`` ids of the
+    char-level tokenizer, which no task ever produces.
+
+    Returns:
+        ``tail/frac_below_rho``: mean fraction of the vocabulary with ``p < e^log_rho · p_max`` (outside
+        the min-p safe set); ``tail/safe_size_mean``: mean safe-set size; ``tail/unused_gap_median``,
+        ``tail/unused_gap_p01``, ``tail/unused_gap_min``: median, 1 % quantile and minimum over
+        positions × unused ids of ``max logit − logit`` in nats; ``tail/unused_mass_mean``: mean total
+        probability of the unused ids.
+    """
+    ids, labels = sft_batch(task, tokenizer, task.sample(n, random.Random(seed)))  # (B, L)
+    keep = labels[:, 1:] != IGNORE_INDEX  # (B, L-1)
+    logits = model(input_ids=ids).logits[:, :-1][keep].float()  # (N, V)
+    gap = logits.max(dim=-1, keepdim=True).values - logits  # (N, V), >= 0
+    below = gap > -log_rho  # (N, V)
+    unused_gap = gap[:, models.MIN_VOCAB_SIZE :]  # (N, V - MIN_VOCAB_SIZE)
+    unused_mass = torch.log_softmax(logits, -1)[:, models.MIN_VOCAB_SIZE :].logsumexp(-1).exp()  # (N,)
+    flat = unused_gap.flatten()
+    return {
+        "tail/frac_below_rho": below.float().mean().item(),
+        "tail/safe_size_mean": (~below).sum(-1).float().mean().item(),
+        "tail/unused_gap_median": flat.median().item(),
+        "tail/unused_gap_p01": flat.kthvalue(max(1, flat.numel() // 100)).values.item(),
+        "tail/unused_gap_min": flat.min().item(),
+        "tail/unused_mass_mean": unused_mass.mean().item(),
+    }
 
 
 def default_cache_dir() -> Path:
@@ -197,28 +473,71 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "dvp-workbench"))
 
 
+def preset_name(cfg: SFTConfig) -> str | None:
+    """The :data:`PRESETS` name whose recipe is ``cfg`` (same digest), or ``None``."""
+    return next((name for name, c in PRESETS.items() if c.digest() == cfg.digest()), None)
+
+
 def sft_policy(
-    cfg: SFTConfig, *, out_dir: str | os.PathLike[str] | None = None, progress: bool = True
+    cfg: SFTConfig,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Return a directory holding the policy trained by ``cfg``, training it only when not cached.
 
-    The directory (``<cache>/sft/<digest>`` unless ``out_dir`` is given) is a normal HF model dir
-    whose metadata (:func:`workbench.models.policy_metadata`) holds the recipe, the final loss,
-    the sampled accuracy and the wall time.
+    The directory (``<default_cache_dir()>/sft/<digest>`` unless ``out_dir`` is given) is a normal
+    HF model directory, written atomically; its metadata (:func:`workbench.models.policy_metadata`)
+    holds the digest, the recipe, the loss curve, the sampled and greedy accuracy, the tail
+    statistics, the time taken and the command that remakes it. A directory whose metadata has the
+    same digest is returned as is.
+
+    Args:
+        cfg: the recipe.
+        out_dir: where to put the policy instead of the cache.
+        progress: show a progress bar while training.
+        force: retrain even when a matching directory exists.
+
+    Returns:
+        The policy directory.
     """
-    target = Path(out_dir) if out_dir is not None else default_cache_dir() / "sft" / cfg.digest()
-    if (target / "config.json").exists() and models.policy_metadata(target).get("digest") == cfg.digest():
-        return target
-    t0 = time.perf_counter()
+    digest = cfg.digest()
+    target = Path(out_dir) if out_dir is not None else default_cache_dir() / "sft" / digest
+    if not force and (target / "config.json").is_file():
+        if models.policy_metadata(target).get("digest") == digest:
+            return target
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     model, tokenizer, losses = train_sft(cfg, progress=progress)
-    task = tasks.make_task(cfg.task, **dict(cfg.task_kwargs))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    task = cfg.make_task()
+    name = preset_name(cfg)
+    tail = 20 if len(losses) >= 20 else len(losses)
     meta = {
-        "digest": cfg.digest(),
+        "digest": digest,
+        "preset": name,
         "config": cfg.to_dict(),
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "code_version": SFT_CODE_VERSION,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": sum(losses[-tail:]) / tail,
+        "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 100)]],
         "sampled_accuracy": sampled_accuracy(model, tokenizer, task),
-        "train_seconds": round(time.perf_counter() - t0, 1),
-        "remake": "workbench sft --preset NAME --out workbench/assets/policies (or workbench sft --config FILE)",
+        "greedy_accuracy": greedy_accuracy(model, tokenizer, task),
+        "eval": {"n": EVAL_SAMPLES, "seed": EVAL_SEED, "temperature": 1.0, "rho": None},
+        "tail": tail_stats(model, tokenizer, task),
+        "train_seconds": round(wall, 1),
+        "train_cpu_seconds": round(cpu, 1),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        "remake": REMAKE_COMMAND.format(name=name)
+        if name
+        else "workbench sft --config FILE (FILE = this metadata's 'config' as JSON)",
     }
     models.save_policy(model, tokenizer, target, metadata=meta)
     return target
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -101,6 +102,10 @@ class RLOOConfig:
     """Drop a sequence when any token ratio falls below this; ``None`` disables the veto."""
     drop_boundary_tokens: bool = True
     """Drop sampled tokens outside the trainer's safe set from the loss (only when ``rho`` is set)."""
+    rho_entropy_scale: float = 0.0
+    """κ of an entropy-scaled, per-state ρ (beyond the paper): ``log ρ(s) = log ρ · (1 + κ H(s))`` with
+    ``H(s)`` the entropy (nats) of the full-vocabulary policy at ``s``; 0 keeps the paper's fixed ρ.
+    Engine and trainer each apply it to their own logits (the engine through a logits processor)."""
     advantage: str = "rloo"
     """``rloo`` (leave-one-out) or ``grpo`` (group mean/std normalised)."""
     loss_type: str = "pg"
@@ -152,6 +157,15 @@ class RLOOConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise bad("grad_clip", self.grad_clip, "> 0 or None", "None disables clipping.")
         dvp.validate_rho(self.rho, "RLOOConfig.rho")
+        if not (self.rho_entropy_scale >= 0 and math.isfinite(self.rho_entropy_scale)):
+            raise bad("rho_entropy_scale", self.rho_entropy_scale, "a finite value >= 0", "0 keeps ρ fixed.")
+        if self.rho_entropy_scale > 0 and (self.rho is None or self.engine_rho != "same"):
+            raise bad(
+                "rho_entropy_scale",
+                self.rho_entropy_scale,
+                "> 0 only with rho set and engine_rho='same'",
+                "The per-state ρ needs a base ρ and is applied by engine and trainer alike.",
+            )
         if self.engine_rho != "same":
             if isinstance(self.engine_rho, str):
                 raise bad("engine_rho", self.engine_rho, '"same", None or a float in (0, 1]', "")
@@ -247,7 +261,12 @@ TRAINER_METRIC_DOCS: dict[str, str] = {
     "response/length_mean": "mean response length in tokens (eos included)",
     "mismatch/tail_tokens": "sampled tokens whose trainer probability is below e^-13 of the row max (tail draws)",
     "mismatch/tail_delta_mean": "mean Δ = log μ − log π over tail draws (0 when there are none)",
+    "mismatch/tail_logp_mean": "mean trainer log π (full vocabulary) of the tail draws; nan when there are none",
+    "mismatch/tail_seqs": "sequences holding at least one tail draw",
+    "mismatch/tail_pos_adv": "tail draws in sequences with a positive advantage (the loss pushes them *up*)",
     "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set at the training ρ (dropped from the loss)",
+    "dvp/log_rho_mean": "mean over valid positions of the log ρ the trainer pruned with (per state when "
+    "rho_entropy_scale > 0); nan without pruning",
     "optim/grad_norm": "global gradient norm before clipping",
     "optim/lr": "learning rate used for this step",
     "perf/rollout_s": "seconds spent generating rollouts",
@@ -256,6 +275,73 @@ TRAINER_METRIC_DOCS: dict[str, str] = {
     "perf/step_s": "wall-clock seconds of the whole step",
     "perf/tokens_per_s": "response tokens processed per second of step time",
 }
+
+
+def entropy_scaled_safe_mask(
+    logits: torch.Tensor, log_rho: float, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-state safe set with ``log ρ(s) = log_rho · (1 + κ H(s))``, ``H`` the entropy of ``softmax(logits)``.
+
+    Args:
+        logits: ``(..., V)`` processed logits (temperature applied).
+        log_rho: base ``log ρ`` (< 0 prunes; e.g. −13).
+        kappa: entropy scale κ ≥ 0 (0: the fixed-ρ safe set of :func:`workbench.dvp.safe_mask`).
+
+    Returns:
+        ``keep (..., V)`` bool (the argmax always kept) and ``log ρ(s) (...)``.
+
+    >>> z = torch.tensor([[0.0, -5.0, -12.0], [0.0, 0.0, -12.0]])
+    >>> keep, lr = entropy_scaled_safe_mask(z, -10.0, 0.5)
+    >>> keep.tolist(), [round(x, 2) for x in lr.tolist()]
+    ([[True, True, False], [True, True, True]], [-10.2, -13.47])
+    """
+    z = logits.float()
+    logp = torch.log_softmax(z, -1)  # (..., V)
+    entropy = -(logp.exp() * logp).sum(-1)  # (...,)
+    lr = log_rho * (1 + kappa * entropy)  # (...,)
+    keep = z >= z.amax(-1, keepdim=True) + lr[..., None]  # (..., V)
+    return keep, lr
+
+
+class EntropyScaledMinP:
+    """Engine-side logits processor of the entropy-scaled ρ: mask logits outside the per-state safe set.
+
+    Applied after the engine's own perturbation (``inner``), on the logits the engine samples from, so
+    the engine's entropy (not the trainer's) sets its cut — as a real engine's logits processor would.
+    Masked logits become ``-inf``; the engine's processed log-probs are then renormalised over the set.
+    A KV-cache hook of ``inner`` is passed through.
+    """
+
+    def __init__(self, log_rho: float, kappa: float, inner: Any | None = None) -> None:
+        self.log_rho, self.kappa, self.inner = log_rho, kappa, inner
+        kv = getattr(inner, "kv_transform", None)
+        if kv is not None:
+            self.kv_transform = kv
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = self.inner(logits, generator) if self.inner is not None else logits
+        keep, _ = entropy_scaled_safe_mask(z, self.log_rho, self.kappa)
+        return z.masked_fill(~keep, float("-inf"))
+
+    def __str__(self) -> str:
+        base = f"entropy_min_p(log_rho={self.log_rho:g}, kappa={self.kappa:g})"
+        return base if self.inner is None else f"{self.inner}+{base}"
+
+
+#: Keys that are ``nan`` when their selection is empty (no tail draw, no low-p token) instead of a made-up 0.
+NAN_WHEN_EMPTY: frozenset[str] = frozenset(
+    {
+        "mismatch/tail_logp_mean",
+        "dvp/log_rho_mean",
+        "mismatch/lowp_delta_mean",
+        "mismatch/lowp_delta_ci_lo",
+        "mismatch/lowp_delta_ci_hi",
+        "mismatch/lowp_frac_positive",
+    }
+)
+
+#: Values of the ``ppo_clip``-only loss keys in a plain ``pg`` step: its only pass is on-policy (π = π_old).
+_PG_LOSS_DEFAULTS: dict[str, float] = {"loss/clipfrac": 0.0, "loss/ratio_mean": 1.0, "loss/approx_kl": 0.0}
 
 
 def all_metric_docs() -> dict[str, str]:
@@ -362,6 +448,9 @@ class RLOOTrainer:
 
         cfg = self.config
         perturbation = engines.make_perturbation(cfg.perturbation)
+        if cfg.rho_entropy_scale > 0:
+            assert cfg.rho is not None  # checked in RLOOConfig
+            perturbation = EntropyScaledMinP(math.log(cfg.rho), cfg.rho_entropy_scale, inner=perturbation)
         if cfg.engine == "vllm":
             return engines.VLLMEngine.from_trainer_model(
                 self.model, self.tokenizer, dtype=cfg.engine_dtype, perturbation=perturbation
@@ -392,6 +481,36 @@ class RLOOTrainer:
         p = rollout.prompt_len
         return out.logits[:, p - 1 : -1]  # (N, T, V)
 
+    def _token_stats(
+        self, logits: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[dvp.TokenStats, torch.Tensor | None]:
+        """DVP statistics of the sampled tokens, and the ``log ρ`` used at each position (``None``: no pruning).
+
+        With a fixed ρ this is :func:`workbench.dvp.token_stats`. With ``rho_entropy_scale`` κ > 0 the
+        safe set of each state uses ``log ρ(s) = log ρ · (1 + κ H(s))``: logits outside it are replaced
+        by the constant ``max − MASK_MARGIN`` (no gradient, as in :func:`workbench.dvp.masked_logits`)
+        and the full-vocabulary kernel runs on the result, which is then exactly ``log π^mp``.
+        """
+        cfg = self.config
+        if cfg.rho is None:
+            return dvp.token_stats(
+                logits, tokens, None, chunk_size=cfg.chunk_size, temperature=cfg.temperature
+            ), None
+        if cfg.rho_entropy_scale == 0:
+            stats = dvp.token_stats(
+                logits, tokens, cfg.rho, chunk_size=cfg.chunk_size, temperature=cfg.temperature
+            )
+            return stats, torch.full(tokens.shape, math.log(cfg.rho))
+        with torch.no_grad():
+            z = logits.detach().float() / cfg.temperature  # (N, T, V)
+            keep, log_rho = entropy_scaled_safe_mask(z, math.log(cfg.rho), cfg.rho_entropy_scale)
+            top = z.amax(-1, keepdim=True)  # (N, T, 1)
+            logz = torch.logsumexp(z.masked_fill(~keep, float("-inf")), -1) - torch.logsumexp(z, -1)  # (N, T)
+        masked = torch.where(keep, logits.float() / cfg.temperature, top - dvp.MASK_MARGIN)  # (N, T, V)
+        inner = dvp.token_stats(masked, tokens, None, chunk_size=cfg.chunk_size)
+        stats = dvp.TokenStats(logp=inner.logp, logz=logz, entropy=inner.entropy, safe_size=keep.sum(-1))
+        return stats, log_rho
+
     def step(self) -> dict[str, float]:
         """Run one RLOO step: rollout → rewards → DVP log-probs → IS → loss → update → sync."""
         cfg = self.config
@@ -417,20 +536,23 @@ class RLOOTrainer:
         t1 = time.perf_counter()
         mask = rollout.mask  # (N, T)
         logits = self._forward(rollout)  # (N, T, V)
-        stats = dvp.token_stats(
-            logits, rollout.tokens, cfg.rho, chunk_size=cfg.chunk_size, temperature=cfg.temperature
-        )
+        stats, log_rho = self._token_stats(logits, rollout.tokens)
         logp = stats.logp  # (N, T), differentiable
         with torch.no_grad():
             detached = logits.detach()
             # Tail draws: outside the e^-13 safe set whatever ρ this run trains with.
-            tail = metrics.boundary_tokens(detached, rollout.tokens, math.exp(TAIL_LOG_RHO), mask=mask,
-                                           temperature=cfg.temperature)
-            boundary = (
-                metrics.boundary_tokens(detached, rollout.tokens, cfg.rho, mask=mask, temperature=cfg.temperature)
-                if cfg.rho is not None
-                else torch.zeros_like(mask)
+            tail = metrics.boundary_tokens(
+                detached, rollout.tokens, math.exp(TAIL_LOG_RHO), mask=mask, temperature=cfg.temperature
             )
+            if cfg.rho is None:
+                boundary = torch.zeros_like(mask)
+            elif cfg.rho_entropy_scale > 0:
+                # Outside the per-state safe set: the masked log-prob sits ~MASK_MARGIN below the max.
+                boundary = mask & (logp.detach() < -dvp.MASK_MARGIN / 2)
+            else:
+                boundary = metrics.boundary_tokens(
+                    detached, rollout.tokens, cfg.rho, mask=mask, temperature=cfg.temperature
+                )
         is_res = self._is.apply(logp.detach(), rollout.logprobs, mask)
         keep = is_res.keep & ~boundary if cfg.drop_boundary_tokens else is_res.keep
         seq_keep = is_res.seq_keep & keep.any(-1)
@@ -441,13 +563,7 @@ class RLOOTrainer:
         grad_norm = torch.zeros(())
         for epoch in range(cfg.ppo_epochs):
             if epoch > 0:
-                logp = dvp.token_logprobs(
-                    self._forward(rollout),
-                    rollout.tokens,
-                    cfg.rho,
-                    chunk_size=cfg.chunk_size,
-                    temperature=cfg.temperature,
-                )
+                logp = self._token_stats(self._forward(rollout), rollout.tokens)[0].logp
             loss, loss_stats = policy_loss(
                 logp,
                 advantages,
@@ -475,6 +591,15 @@ class RLOOTrainer:
 
         n_tok = int(mask.sum())
         delta = (rollout.logprobs - logp_old)[tail]
+        # Tail draws judged on the full vocabulary (logp_old is π^mp under DVP; the tail is about π).
+        tail_logp = (
+            torch.log_softmax(detached[tail].float() / cfg.temperature, dim=-1)
+            .gather(-1, rollout.tokens[tail][:, None])
+            .squeeze(-1)
+            if bool(tail.any())
+            else torch.zeros(0)
+        )  # (n_tail,)
+        tail_rows = tail.any(-1)  # (N,)
         step_s = time.perf_counter() - t0
         out: dict[str, float] = {
             "step": float(self.step_count),
@@ -484,7 +609,13 @@ class RLOOTrainer:
             "response/length_mean": float(rollout.lengths.float().mean()),
             "mismatch/tail_tokens": float(tail.sum()),
             "mismatch/tail_delta_mean": float(delta.mean()) if delta.numel() else 0.0,
+            "mismatch/tail_logp_mean": float(tail_logp.mean()) if tail_logp.numel() else math.nan,
+            "mismatch/tail_seqs": float(tail_rows.sum()),
+            "mismatch/tail_pos_adv": float(tail[advantages > 0].sum()),
             "dvp/boundary_tokens": float(boundary.sum()),
+            "dvp/log_rho_mean": float(log_rho[mask].double().mean())
+            if log_rho is not None and bool(mask.any())
+            else math.nan,
             "optim/grad_norm": float(grad_norm),
             "optim/lr": float(lr),
             "perf/rollout_s": t_rollout,
@@ -494,9 +625,12 @@ class RLOOTrainer:
             "perf/tokens_per_s": n_tok / step_s,
         }
         out.update(metrics.mismatch_metrics(logp_old, rollout.logprobs, mask))
+        out.update(metrics.sampled_tail_delta(logp_old, rollout.logprobs, mask))
         out.update(metrics.dvp_metrics(stats, mask))
         out.update(is_res.stats)
         out.update(loss_stats)
+        for key, value in _PG_LOSS_DEFAULTS.items():
+            out.setdefault(key, value)
         self.history.append(out)
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -598,7 +732,7 @@ class RLOOTrainer:
         try:
             step = int(json.loads((ckpt / "step.json").read_text())["step"])
             state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise ValueError(
                 f"resume: checkpoint {ckpt} is unreadable ({e}); delete it or start a new run"
             ) from None

@@ -1,16 +1,40 @@
 """Named run settings: *scenarios* (model, task, engine, perturbation) × *arms* (the correction).
 
 A preset name is ``"<scenario>"`` (the DVP + MIS arm) or ``"<scenario>/<arm>"``; every arm of a
-scenario shares model, task, seeds and engine, so arms differ only in how they treat mismatch.
+scenario shares model, task, seeds and engine, so arms differ only in how they treat mismatch (the
+``control`` arm removes the mismatch instead: fp32 engine, no perturbation — the ceiling).
+
+Each scenario also has a run length (:data:`LENGTHS`): full steps and the QUICK steps used by the
+notebooks and CI. QUICK only shrinks sizes, never switches code paths (STYLE.md).
+
+Which perturbation corresponds to what (lessons/LOG.md has the search that chose them):
+
+==================  ====================================================================================
+scenario            engine
+==================  ====================================================================================
+``clean``           fp32 weights, no perturbation: trainer and engine agree to ~1e-6 (the control)
+``bf16``            bf16 weights — the everyday mismatch of real RL stacks (too small to reach the tail)
+``floor``           bf16 + a probability floor at e^-13.5 of the max: an engine that cannot represent
+                    tiny probabilities (a floored / underflow-guarded softmax) — the least physical model,
+                    but the one that reliably samples the tail (the issue's head start)
+``fp8``             bf16 + logits written on the fp8 e4m3 grid (an fp8 lm_head output)
+``kvquant``         bf16 + a 4-bit KV cache (int4 KV-cache quantisation)
+``gaussian``        bf16 + i.i.d. Gaussian logit noise σ (the paper's Prop 4.3 model) on the
+                    label-smoothed policy, whose unused ids sit close enough to the max for σ to reach
+==================  ====================================================================================
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from workbench.trainer import RLOOConfig
+
+#: ρ of the paper's DVP (e^-13, "Taming the Tail" §5 default).
+PAPER_RHO = math.exp(-13)
 
 #: How each arm treats mismatch (fields of :class:`~workbench.trainer.RLOOConfig`).
 ARMS: dict[str, dict[str, Any]] = {
@@ -24,10 +48,27 @@ ARMS: dict[str, dict[str, Any]] = {
     "seq_mis": {"rho": None, "is_mode": "seq_mis", "veto": None},
     # MIS without DVP (predicted not to fix a tail-driven collapse).
     "mis": {"rho": None, "is_mode": "token_mis", "veto": 1e-4},
+    # The engine still samples the full vocabulary; the trainer only drops the sampled tail tokens
+    # (outside its e^-13 safe set) from the loss. Separates "the tail draw's own gradient" from
+    # "the off-distribution context it leaves behind".
+    "tail_drop": {"rho": PAPER_RHO, "engine_rho": None, "is_mode": "none", "veto": None},
     # DVP alone: min-p safe vocabulary (ρ = e^-13) on both sides, no IS.
-    "dvp": {"rho": math.exp(-13), "is_mode": "none", "veto": None},
+    "dvp": {"rho": PAPER_RHO, "is_mode": "none", "veto": None},
     # The paper's recipe: DVP + token MIS + veto.
-    "dvp_mis": {"rho": math.exp(-13), "is_mode": "token_mis", "veto": 1e-4},
+    "dvp_mis": {"rho": PAPER_RHO, "is_mode": "token_mis", "veto": 1e-4},
+    # No mismatch at all (fp32 engine, no perturbation), naive RLOO: the ceiling the others chase.
+    "control": {"rho": None, "is_mode": "none", "veto": None, "engine_dtype": "fp32", "perturbation": None},
+}
+
+_MULTIADD: dict[str, Any] = {
+    "model": "multiadd",
+    "task": "multiadd",
+    "task_kwargs": {"n_problems": 2, "digits": 2},
+    "k": 4,
+    "prompts_per_step": 16,
+    "lr": 5e-5,
+    "grad_clip": 1.0,
+    "engine_dtype": "bf16",
 }
 
 #: Shared settings of each scenario (arms are applied on top).
@@ -36,7 +77,52 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "clean": {"model": "add2", "task": "addition", "engine_dtype": "fp32", "lr": 3e-5},
     # bf16 engine weights vs fp32 trainer: the everyday mismatch of real RL stacks.
     "bf16": {"model": "add2", "task": "addition", "engine_dtype": "bf16", "lr": 3e-5},
+    # The issue's head start: a probability floor 13.5 nats below the max, 24-token responses.
+    "floor": {**_MULTIADD, "perturbation": "floor:13.5"},
+    # A floor *inside* the safe set (12 nats < 13): the engine's floored tokens are in its own
+    # safe set but outside the trainer's, so only the trainer-side mask (boundary tokens) catches them.
+    "floor12": {**_MULTIADD, "perturbation": "floor:12"},
+    # Logits written on the fp8 e4m3 grid (relative error 2^-4: tail logits move by up to ~1 nat).
+    "fp8": {**_MULTIADD, "perturbation": "round:fp8_e4m3"},
+    # A 4-bit KV cache: correlated error through attention.
+    "kvquant": {**_MULTIADD, "perturbation": "kvquant:4"},
+    # Gaussian logit noise (Prop 4.3) on the label-smoothed policy with a heavier tail.
+    "gaussian": {**_MULTIADD, "model": "multiadd_smooth", "perturbation": "gaussian:0.5"},
 }
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """Steps of a scenario's full run and of its QUICK version (notebooks, CI)."""
+
+    steps: int
+    """Steps per run of the full preset."""
+    quick_steps: int
+    """Steps per run of the QUICK preset."""
+
+
+#: Run lengths per scenario (full, QUICK); scenarios not listed use :data:`DEFAULT_LENGTH`.
+LENGTHS: dict[str, RunLength] = {
+    "clean": RunLength(100, 30),
+    "bf16": RunLength(100, 30),
+}
+DEFAULT_LENGTH = RunLength(200, 40)
+
+#: The headline comparison of the demo and the README.
+HEADLINE_SCENARIO = "floor"
+HEADLINE_ARMS: tuple[str, ...] = ("naive", "dvp_mis")
+
+
+def run_length(scenario: str, quick: bool = False) -> int:
+    """Steps per run of ``scenario`` (its QUICK length when ``quick``)."""
+    _check_scenario(scenario)
+    length = LENGTHS.get(scenario, DEFAULT_LENGTH)
+    return length.quick_steps if quick else length.steps
+
+
+def _check_scenario(scenario: str) -> None:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario={scenario!r} is unknown: choose one of {sorted(SCENARIOS)}")
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,200 @@
+"""Experiments: the collapse criterion, presets, results I/O, the signature/overlap probes, and — on the
+QUICK presets (slow) — the paper's qualitative claims."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from workbench.experiments import collapse, presets
+from workbench.experiments.collapse import CollapseCriterion, classify, rolling_mean
+from workbench.experiments.demo import DemoReport, format_table
+from workbench.experiments.runner import ArmResults, RunResult, load_results
+from workbench.experiments.signature import LogitRecorder, envelope_stats, envelope_terms
+
+
+def _rows(rewards, k3=1e-3, grad=1.0, k3_late=None, grad_late=None, late_from=None):
+    out = []
+    for i, r in enumerate(rewards):
+        late = late_from is not None and i >= late_from
+        out.append(
+            {
+                "step": float(i + 1),
+                "reward/mean": r,
+                "mismatch/k3": k3_late if late and k3_late is not None else k3,
+                "optim/grad_norm": grad_late if late and grad_late is not None else grad,
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------ collapse criterion
+
+
+def test_collapse_needs_both_a_lasting_fall_and_a_spike() -> None:
+    rewards = [0.5] * 10 + [0.6] * 10 + [0.2] * 20
+    assert classify(_rows(rewards, k3_late=0.1, late_from=20)).label == "collapse"
+    assert classify(_rows(rewards, grad_late=8.0, late_from=20)).label == "collapse"
+    # A fall without a spike is not a collapse (e.g. a bad learning rate with no mismatch) ...
+    assert classify(_rows(rewards)).label == "stable"
+    # ... and spikes without a fall are not either.
+    assert classify(_rows([0.5] * 40, k3_late=0.1, late_from=20)).label == "stable"
+
+
+def test_a_recovered_dip_is_not_a_collapse() -> None:
+    rewards = [0.5] * 10 + [0.1] * 10 + [0.55] * 20
+    assert classify(_rows(rewards, k3_late=0.1, late_from=10)).label == "stable"
+
+
+def test_degradation_is_judged_against_the_reference_run() -> None:
+    learning_slowly = [0.3 + 0.002 * i for i in range(60)]
+    learning_fast = [0.3 + 0.006 * i for i in range(60)]
+    v = classify(_rows(learning_slowly, k3_late=0.1, late_from=30), _rows(learning_fast))
+    assert v.label == "degraded" and not v.collapsed and v.degraded
+    assert v.reference_final - v.final >= 0.1
+    # Without a reference the same run is only "stable": degradation is always relative.
+    assert classify(_rows(learning_slowly)).label == "stable"
+    # A run as good as the reference is stable.
+    assert classify(_rows(learning_fast), _rows(learning_fast)).label == "stable"
+
+
+def test_verdict_numbers_and_spike_ratios() -> None:
+    rows = _rows([0.5] * 10 + [0.1] * 30, k3=1e-3, k3_late=2e-2, late_from=10)
+    v = CollapseCriterion(window=10).classify(rows)
+    assert v.start == pytest.approx(0.5) and v.final == pytest.approx(0.1)
+    assert v.k3_spike == pytest.approx(20.0) and v.grad_spike == pytest.approx(1.0)
+    assert any("k3 spiked" in r for r in v.reasons)
+    assert json.loads(json.dumps(v.to_dict()))["label"] == "collapse"
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"), [({"window": 0}, "window"), ({"drop": 0.0}, "drop"), ({"spike": 1.0}, "spike")]
+)
+def test_criterion_rejects_bad_thresholds(kw: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        CollapseCriterion(**kw)
+    with pytest.raises(ValueError, match="at least 2"):
+        classify(_rows([0.5]))
+
+
+def test_rolling_mean_matches_a_naive_loop() -> None:
+    xs = [float(i % 7) for i in range(30)]
+    got = rolling_mean(xs, 5)
+    want = [sum(xs[max(0, i - 4) : i + 1]) / len(xs[max(0, i - 4) : i + 1]) for i in range(30)]
+    assert got == pytest.approx(want)
+    assert collapse.rolling_mean([math.nan, math.nan], 2)[0] != collapse.rolling_mean([1.0], 1)[0]
+
+
+# ------------------------------------------------------------------ presets
+
+
+def test_every_preset_builds_a_valid_config() -> None:
+    for name in presets.preset_names():
+        cfg = presets.make_config(name)
+        arm = name.partition("/")[2] or "dvp_mis"
+        if arm in ("naive", "control"):
+            assert cfg.rho is None and cfg.is_mode == "none"
+        if arm.startswith("dvp"):
+            assert cfg.rho == pytest.approx(math.exp(-13)) and cfg.sampling_rho == cfg.rho
+        if arm == "tail_drop":
+            assert cfg.rho is not None and cfg.sampling_rho is None and cfg.drop_boundary_tokens
+        if arm == "control":
+            assert cfg.engine_dtype == "fp32" and cfg.perturbation is None
+    # Arms of one scenario share everything but the correction.
+    a = presets.make_config("floor/naive").to_dict()
+    b = presets.make_config("floor/dvp_mis").to_dict()
+    assert {k for k in a if a[k] != b[k]} <= {"rho", "is_mode", "veto", "engine_rho", "is_hi"}
+    with pytest.raises(ValueError, match="unknown"):
+        presets.make_config("floor/bogus")
+    assert presets.run_length("floor", quick=True) < presets.run_length("floor")
+
+
+# ------------------------------------------------------------------ results I/O and the table
+
+
+def _fake_results() -> ArmResults:
+    res = ArmResults("floor", ["naive", "dvp_mis"], [0, 1], steps=40, quick=True, command="pytest")
+    for seed in (0, 1):
+        ref = RunResult(
+            "floor", "dvp_mis", seed, {"seed": seed}, _rows([0.4 + 0.005 * i for i in range(40)]), 1.0
+        )
+        bad = RunResult(
+            "floor",
+            "naive",
+            seed,
+            {"seed": seed},
+            _rows([0.5] * 10 + [0.2] * 30, k3_late=0.5, late_from=10),
+            2.0,
+        )
+        ref.verdict = classify(ref.history).to_dict()
+        bad.verdict = classify(bad.history, ref.history).to_dict()
+        res.runs += [ref, bad]
+    return res
+
+
+def test_results_roundtrip_through_json_and_csv(tmp_path) -> None:
+    res = _fake_results()
+    res.runs[0].history[3]["mismatch/k3"] = math.nan  # nan survives as null
+    path = res.save(tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+    back = load_results(tmp_path / "out")
+    assert back.seeds == [0, 1] and back.command == "pytest" and len(back.runs) == 4
+    assert math.isnan(back.runs[0].history[3]["mismatch/k3"])
+    assert back.run("naive", 1).history == res.run("naive", 1).history
+    assert back.counts() == {
+        "naive": {"collapse": 2, "degraded": 0, "stable": 0},
+        "dvp_mis": {"collapse": 0, "degraded": 0, "stable": 2},
+    }
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    assert [r["verdict"] for r in rows] == ["stable", "collapse"] * 2
+    assert json.loads(path.read_text())["arm_summary"]["naive"]["collapse"] == 2
+    with pytest.raises(ValueError, match="does not exist"):
+        load_results(tmp_path / "nowhere")
+
+
+def test_demo_table_has_one_line_per_run(tmp_path) -> None:
+    res = _fake_results()
+    table = format_table(res)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(res.runs)
+    assert "reward first→last" in lines[0] and "collapse" in table and "0.500 → 0.200" in table
+    report = DemoReport(res, tmp_path / "r.html", tmp_path / "results.json")
+    assert "naive: 2 collapse" in report.summary()
+
+
+# ------------------------------------------------------------------ probes (signature, overlap)
+
+
+def test_envelope_holds_for_gaussian_logit_noise() -> None:
+    g = torch.Generator().manual_seed(0)
+    zt = 3 * torch.randn(400, 50, generator=g)
+    ze = zt + 0.3 * torch.randn(400, 50, generator=g)
+    tokens = torch.multinomial(torch.softmax(ze, -1), 1, generator=g).squeeze(-1)
+    mask = torch.ones(400, dtype=torch.bool)
+    stats = envelope_stats(*envelope_terms(zt, ze, tokens, mask))
+    assert stats["frac_within_exact"] == 1.0  # Prop 4.2 (exact form) can never be violated
+    assert 0 < stats["ratio_first_order_median"] < 1
+    # A constant shift of all logits changes nothing: ε = 0 and Δ = 0.
+    gap, eps, _ = envelope_terms(zt, zt + 5.0, tokens, mask)
+    assert float(eps.max()) < 1e-5 and float(gap.max()) < 1e-5
+
+
+def test_recorder_sees_the_engines_processed_logits() -> None:
+    from workbench.engines import TorchEngine, make_perturbation
+    from workbench.models import TinyModelConfig, build_tiny_model
+
+    model = build_tiny_model(TinyModelConfig(vocab_size=64, hidden_size=16, num_layers=1))
+    rec = LogitRecorder(make_perturbation("floor:3"))
+    engine = TorchEngine(model, dtype="fp32", perturbation=rec, eos_token_id=2, pad_token_id=0)
+    r = engine.generate([[1, 5, 6], [1, 7]], n=2, max_tokens=5, rho=None, temperature=1.0, seed=0)
+    z = rec.stacked()  # (N, T, V)
+    assert z.shape[:2] == r.tokens.shape
+    # The floor is in the recorded logits, and the engine's log-probs are their log-softmax.
+    gap = z.amax(-1) - z.amin(-1)
+    assert float(gap.max()) <= 3.0 + 1e-5
+    lp = torch.log_softmax(z, -1).gather(-1, r.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp[r.mask], r.logprobs[r.mask], atol=1e-5, rtol=0)

@@ -1,0 +1,303 @@
+"""workbench.viz.explore: each data function against a naive reference or the theorem it illustrates, the
+sampling helpers against the trainer's convention, and the explorers' redraw (traces equal the static builder)."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from workbench import dvp, metrics
+from workbench.models import TinyModelConfig, build_tiny_model, build_tokenizer
+from workbench.viz import explore as ex
+
+
+def _logits(rows: int, vocab: int, scale: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(rows, vocab, generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.nn.Module, object]:
+    tok = build_tokenizer(64)
+    model = build_tiny_model(TinyModelConfig(vocab_size=64, hidden_size=32, num_layers=1, seed=0), tok)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# real logits
+
+
+def test_fp32_engine_matches_trainer_logits_and_bf16_does_not(tiny) -> None:
+    model, tok = tiny
+    same = ex.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="fp32", seed=1)
+    assert same.logits.shape[:2] == same.tokens.shape == same.mask.shape
+    assert float(same.delta.abs().max()) < 1e-4  # same position-id convention as the engine
+    low = ex.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="bf16", seed=1)
+    assert float(low.delta.abs().max()) > 1e-4
+    torch.testing.assert_close(ex.precision_logits(model, same.rollout, "fp32"), same.logits)
+    assert ex.valid_rows(same).shape == (int(same.mask.sum()), 64)
+    with pytest.raises(ValueError, match="engine_dtype"):
+        ex.sample_policy(model, tok, engine_dtype="fp8")
+
+
+def test_mismatch_summary_and_bin_figure_use_the_metrics_module(tiny) -> None:
+    model, tok = tiny
+    s = ex.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="bf16", seed=2)
+    [row] = ex.mismatch_summary({"bf16": s})
+    m = metrics.mismatch_metrics(s.logp_train, s.logp_infer, s.mask)
+    assert row["k3"] == m["mismatch/k3"] and row["mean_abs_delta"] == m["mismatch/mean_abs_delta"]
+    assert row["tokens"] == float(s.mask.sum())
+    fig = ex.mismatch_by_bin_figure({"a": s, "b": s})
+    assert len(fig.data) == 4  # a line and a bar per engine
+
+
+# ----------------------------------------------------------------------------------------------------
+# 02: Prop 4.2
+
+
+@pytest.mark.parametrize("kind", ["vertex", "uniform"])
+@pytest.mark.parametrize("eps", [0.01, 0.3, 1.5])
+def test_envelope_points_respect_prop42(kind: str, eps: float) -> None:
+    z = _logits(6, 200, 4.0, seed=0)
+    d = ex.envelope_data(z, eps, kind=kind, max_points=500)
+    tol = 1e-12
+    assert bool((d["abs_delta"] <= d["exact"] + tol).all())
+    assert bool(
+        (d["abs_delta"] <= d["attainable"] + tol).all()
+    )  # the vertex optimum bounds every δ in the box
+    assert bool((d["attainable"] <= d["exact"] + tol).all())
+    assert d["max_ratio_exact"] <= 1 + 1e-9
+    assert d["max_ratio_first_order"] <= math.expm1(2 * eps) / (2 * eps) + 1e-9  # first order, exact form
+    assert d["p"].numel() == 500 and bool((d["p"] >= 1e-2).sum() >= 6)  # every confident token kept
+    torch.testing.assert_close(d["first_order"], 2 * eps * (1 - d["p"]).double(), rtol=1e-6, atol=1e-12)
+
+
+def test_vertex_perturbation_nearly_attains_the_bound() -> None:
+    d = ex.envelope_data(_logits(8, 100, 3.0, seed=1), 0.2, kind="vertex")
+    assert d["max_ratio_exact"] > 0.9  # random signs hit the worst case for some token
+
+
+def test_envelope_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="eps"):
+        ex.envelope_data(_logits(2, 5, 1.0, 0), 0.0)
+    with pytest.raises(ValueError, match="kind"):
+        ex.envelope_data(_logits(2, 5, 1.0, 0), 0.1, kind="gauss")
+    with pytest.raises(ValueError, match=r"\(R, V\)"):
+        ex.envelope_data(torch.zeros(5), 0.1)
+
+
+def test_precision_envelope_measures_each_rows_eps() -> None:
+    z = _logits(5, 50, 3.0, seed=2).double()
+    g = torch.Generator().manual_seed(3)
+    delta = 0.05 * (2 * torch.rand(z.shape, generator=g, dtype=torch.float64) - 1)
+    delta[:, 0] = 0.05  # every row reaches ε exactly
+    d = ex.precision_envelope_data(z, z + delta)
+    assert d["eps_max"] == pytest.approx(0.05) and d["eps_mean"] == pytest.approx(0.05)
+    assert d["max_ratio"] <= math.expm1(0.1) / 0.1 + 1e-9
+    with pytest.raises(ValueError, match="same rows"):
+        ex.precision_envelope_data(z, z[:2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 03: Prop 4.3
+
+
+def _naive_conditional_tail_mean(
+    z: torch.Tensor, sigma: float, p_tail: float, draws: int, seed: int
+) -> tuple[float, float]:
+    """Sample a ~ μ explicitly and average Δ over sampled tail tokens (the definition, no weighting)."""
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(z.double(), -1)
+    vals = []
+    for r in range(z.shape[0]):
+        noise = sigma * torch.randn(draws, z.shape[1], generator=g, dtype=torch.float64)
+        lmu = torch.log_softmax(z[r].double() + noise, -1)
+        a = torch.multinomial(lmu.exp(), 1, generator=g).squeeze(-1)
+        d = lmu.gather(-1, a[:, None]).squeeze(-1) - lp[r][a]
+        vals.append(d[lp[r][a].exp() < p_tail])
+    v = torch.cat(vals)
+    return float(v.mean()), float(v.std() / math.sqrt(v.numel()))
+
+
+def test_positive_mode_weighting_matches_explicit_sampling() -> None:
+    z = _logits(3, 24, 2.0, seed=4)
+    sigma, p_tail = 0.6, 0.02
+    d = ex.positive_mode_data(z, sigma, num_draws=4000, seed=5, tail_p=p_tail)
+    naive, se = _naive_conditional_tail_mean(z, sigma, p_tail, 20000, seed=6)
+    assert d["tail_cond_mean"] == pytest.approx(naive, abs=5 * se + 0.01)
+    assert d["tail_cond_mean"] > 0 > d["tail_uncond_mean"]
+
+
+def test_positive_mode_agrees_with_second_order_theory_at_small_sigma() -> None:
+    from workbench.theory import second_order_conditional_mean
+
+    z = _logits(4, 32, 2.5, seed=7)
+    sigma = 0.2
+    d = ex.positive_mode_data(z, sigma, num_draws=3000, seed=8, edges=(0.0, 1e-3, 0.05, 0.5, 1.0))
+    for cond, ci, second, unc, unc_th, n in zip(
+        d["cond"], d["cond_ci"], d["theory_second_order"], d["uncond"], d["theory_uncond"], d["count"]
+    ):
+        if n == 0:
+            assert math.isnan(cond)
+            continue
+        assert cond == pytest.approx(second, abs=ci + 2 * sigma**4)
+        assert unc == pytest.approx(unc_th, abs=0.01)
+    # the vectorised second-order formula is the theory module's, token by token
+    p = torch.softmax(z.double(), -1)
+    tokens = torch.arange(32)
+    per_token = second_order_conditional_mean(p[0].expand(32, 32), tokens, sigma)
+    mask = (p[0] >= 1e-3) & (p[0] < 0.05)
+    if bool(mask.any()):
+        first_bin = float((p[0][mask] * per_token[mask]).sum() / p[0][mask].sum())
+        assert first_bin == pytest.approx(
+            float(
+                ((p[0] * sigma**2 * (0.5 - 2 * p[0] + 1.5 * (p[0] ** 2).sum()))[mask]).sum()
+                / p[0][mask].sum()
+            )
+        )
+    assert sum(d["hist_cond"]) == pytest.approx(1.0) and sum(d["hist_uncond"]) == pytest.approx(1.0)
+    assert set(d["sampled"]) == {k for k in metrics.MISMATCH_METRIC_DOCS if "lowp" in k}
+
+
+def test_positive_mode_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="sigma"):
+        ex.positive_mode_data(_logits(2, 8, 1.0, 0), -0.1)
+    with pytest.raises(ValueError, match="num_draws"):
+        ex.positive_mode_data(_logits(2, 8, 1.0, 0), 0.1, num_draws=2)
+    with pytest.raises(ValueError, match="edges"):
+        ex.positive_mode_data(_logits(2, 8, 1.0, 0), 0.1, edges=(0.5, 0.1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 04: Theorem 4.1
+
+
+def test_exact_bias_matches_the_theorem_identity_and_bounds() -> None:
+    probs = (0.7, 0.2, 0.1)
+    rows = ex.exact_bias_vs_horizon(probs=probs, horizons=(1, 2, 3), eps=0.3, kind="tail")
+    p = torch.tensor(probs, dtype=torch.float64)
+    delta = torch.tensor([0.0, 0.0, 0.3], dtype=torch.float64)
+    mu1 = torch.softmax(p.log() + delta, -1)
+    for row in rows:
+        T = int(row["T"])
+        # independent recomputation: the identity E_μ[(1 − e^{−S}) g] with the analytic score Σ_t (e_{y_t} − p)
+        seqs = torch.cartesian_prod(*[torch.arange(3)] * T).reshape(-1, T)
+        log_pi, log_mu = p.log()[seqs].sum(-1), mu1.log()[seqs].sum(-1)
+        counts = torch.nn.functional.one_hot(seqs, 3).sum(1).double()
+        g = (seqs == 0).double().mean(-1)[:, None] * (counts - T * p)
+        rhs = (log_mu.exp() * (1 - torch.exp(-(log_mu - log_pi))))[:, None] * g
+        assert row["bias_norm"] == pytest.approx(float(rhs.sum(0).norm()), rel=1e-6)
+        assert row["tv"] == pytest.approx(0.5 * float((log_mu.exp() - log_pi.exp()).abs().sum()), rel=1e-9)
+        assert row["bias_norm"] <= row["bound_weight"] * (1 + 1e-9)
+        assert row["bound_weight"] <= row["bound_t_delta"] * (1 + 1e-9) <= row["bound_t2"] * (1 + 1e-9)
+    assert rows[0]["bias_norm"] < rows[1]["bias_norm"] < rows[2]["bias_norm"]  # it accumulates
+
+
+def test_exact_bias_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="horizons"):
+        ex.exact_bias_vs_horizon(horizons=(3, 2))
+    with pytest.raises(ValueError, match="probs"):
+        ex.exact_bias_vs_horizon(probs=(0.5, 0.6))
+    with pytest.raises(ValueError, match="too many"):
+        ex.exact_bias_vs_horizon(probs=(0.25,) * 4, horizons=(12,))
+
+
+def test_sequence_mismatch_vs_length_truncates_responses(tiny) -> None:
+    model, tok = tiny
+    s = ex.sample_policy(model, tok, "addition", num_prompts=3, n=2, seed=3)
+    s.logp_train = torch.zeros_like(s.logp_train)
+    s.logp_infer = torch.full_like(s.logp_infer, 0.1)
+    s.mask = torch.tensor([[True, True, True, False]] * 3 + [[True, False, False, False]] * 3)[
+        :, : s.mask.shape[1]
+    ]
+    rows = ex.sequence_mismatch_vs_length(s)
+    lengths = s.mask.sum(-1).double()
+    for row in rows:
+        expected = 0.1 * lengths.clamp(max=row["T"])  # a short response keeps its whole S
+        assert row["mean_s"] == pytest.approx(float(expected.mean()))
+        assert row["mean_abs_weight"] == pytest.approx(float((1 - torch.exp(-expected)).abs().mean()))
+        assert row["frac_outside"] == 0.0  # e^{−0.3} ≈ 0.74 stays inside [0.5, 2]
+    fig = ex.accumulation_figure(ex.exact_bias_vs_horizon(horizons=(1, 2)), {"s": rows})
+    assert len(fig.data) == 4 + 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# 05: the safe vocabulary
+
+
+def test_rho_sweep_matches_the_naive_references_and_props() -> None:
+    z = _logits(10, 300, 5.0, seed=9)
+    rhos = [1e-12, math.exp(-13), 1e-4, 1e-2, 0.3]
+    rows = ex.rho_sweep(z, rhos, horizon=7)
+    for rho, row in zip(rhos, rows):
+        zr = dvp.retained_mass_reference(z.double(), rho)
+        assert row["one_minus_z_mean"] == pytest.approx(float((1 - zr).mean()), rel=1e-6, abs=1e-15)
+        assert row["size_mean"] == float(dvp.safe_set_size_reference(z, rho).double().mean())
+        assert row["one_minus_z_max"] <= row["bound_pruned"] * (1 + 1e-9) + 1e-15  # Prop 5.4
+        assert row["bound_pruned"] <= row["bound_vocab"]
+        assert row["bound_prop55"] == pytest.approx(7 * row["one_minus_z_max"])
+    sizes = [r["size_mean"] for r in rows]
+    assert sizes == sorted(sizes, reverse=True)  # a larger ρ keeps fewer tokens
+    with pytest.raises(ValueError, match="horizon"):
+        ex.rho_sweep(z, rhos, horizon=0)
+
+
+def test_safe_set_view_keeps_a_prefix_of_the_sorted_vocabulary() -> None:
+    z = _logits(1, 100, 4.0, seed=10)[0]
+    v = ex.safe_set_view(z, 1e-3)
+    assert bool((v["logp"][1:] <= v["logp"][:-1]).all())
+    k = v["size"]
+    assert bool(v["keep"][:k].all()) and not bool(v["keep"][k:].any())
+    assert k == int(dvp.safe_set_size(z[None], 1e-3)[0])
+    assert v["z"] == pytest.approx(float(dvp.retained_mass(z[None].double(), 1e-3)[0]))
+    with pytest.raises(ValueError, match="1-D"):
+        ex.safe_set_view(z[None], 1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# explorers
+
+
+def _ys(fig: go.Figure) -> list[tuple]:
+    """Every trace's y values (NaN as None, so equal figures compare equal)."""
+    return [
+        tuple(None if isinstance(v, float) and math.isnan(v) else v for v in t.y) if t.y is not None else ()
+        for t in fig.data
+    ]
+
+
+def test_envelope_explorer_redraws_to_the_static_builders_figure() -> None:
+    z = _logits(4, 60, 3.0, seed=11)
+    e = ex.EnvelopeExplorer(z, eps=0.1, max_points=200)
+    default = _ys(e.static_figure())
+    assert _ys(e.figure) == default
+    e.update(eps=0.5)
+    assert _ys(e.figure) == _ys(e.figure_for(eps=0.5, kind="vertex"))
+    assert _ys(e.figure) != default
+    assert "0.5" in e.figure.layout.title.text
+    assert _ys(e.static_figure()) == default  # the static figure stays at the defaults
+    e.controls["kind"].value = "uniform"  # a control change redraws through its callback
+    assert _ys(e.figure) == _ys(e.figure_for(eps=0.5, kind="uniform"))
+    with pytest.raises(ValueError, match="unknown parameter"):
+        e.update(sigma=1.0)
+    box = e.widget()
+    assert e.figure in box.children
+    assert "application/vnd.jupyter.widget-view+json" in e._repr_mimebundle_()
+
+
+def test_positive_mode_and_safe_set_explorers_redraw() -> None:
+    z = _logits(3, 40, 3.0, seed=12)
+    pm = ex.PositiveModeExplorer(z, sigma=0.3, num_draws=32)
+    pm.controls["sigma"].value = 0.8
+    assert _ys(pm.figure) == _ys(pm.figure_for(sigma=0.8))
+    ss = ex.SafeSetExplorer(z, position=1, horizon=3)
+    ss.update(rho=1e-2, position=2)
+    assert _ys(ss.figure) == _ys(ss.figure_for(rho=1e-2, position=2))
+    assert ss.figure.layout.shapes[0].y0 == pytest.approx(
+        ss.figure_for(rho=1e-2, position=2).layout.shapes[0].y0
+    )
+    with pytest.raises(ValueError, match="position"):
+        ex.SafeSetExplorer(z, position=3)

@@ -1,0 +1,331 @@
+"""The paper's check 1 — the mismatch signature — on real rollouts of a policy, per engine/perturbation.
+
+For one policy and one engine setting (precision + perturbation) :func:`measure_signature` samples
+``n_trajectories`` responses (no training), runs the trainer's fp32 forward on them, and records the
+engine's *own* processed logits at every decode step (a :class:`LogitRecorder` wraps the engine's
+perturbation). From those it computes:
+
+- Δ = log μ − log π of every sampled token, binned by the trainer's probability p
+  (:func:`workbench.metrics.delta_by_prob_bin`);
+- the positive mode (Prop 4.3): mean Δ of sampled low-p tokens with a 95 % Student-t interval
+  (:func:`workbench.metrics.sampled_tail_delta`), for p < 1e-3 and for the e^-13 tail proper;
+- the Prop 4.2 envelope: ε(s) = ½ (max δ − min δ) of the logit error δ = z_engine − z_trainer at the
+  state (the smallest sup-norm over constant shifts, which softmax ignores), and the fraction of sampled
+  tokens with |Δ| ≤ 2ε(1 − p e^{−2ε}) (the exact bound; must be 1 up to rounding) and the median
+  |Δ| / (2ε(1 − p)) (how tight the first-order envelope is).
+
+Safe-set overlap and the boundary-token rate (check 2) use the same recorded logits:
+:mod:`workbench.experiments.overlap`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workbench import dvp, metrics, models
+
+__all__ = [
+    "LogitRecorder",
+    "ProbeBatch",
+    "Signature",
+    "envelope_stats",
+    "envelope_terms",
+    "measure_signature",
+    "probe_batches",
+]
+
+#: log ρ of the tail proper (the paper's e^-13 safe-set edge).
+TAIL_LOG_RHO = -13.0
+
+
+class LogitRecorder:
+    """Wrap an engine perturbation and keep the processed logits it returns at every decode step.
+
+    The engine calls ``perturbation(z, generator)`` once per decode step on the temperature-scaled
+    logits ``z (N, V)``; this returns the inner perturbation's output unchanged (so sampling is
+    exactly the engine's) and appends it to :attr:`steps`. A KV-cache hook of the inner perturbation
+    is exposed as ``kv_transform`` so the engine still installs it.
+
+    >>> rec = LogitRecorder(None)
+    >>> _ = rec(torch.zeros(2, 5)); _ = rec(torch.ones(2, 5))
+    >>> rec.stacked().shape
+    torch.Size([2, 2, 5])
+    """
+
+    def __init__(self, inner: Any | None) -> None:
+        self.inner = inner
+        self.steps: list[torch.Tensor] = []
+        kv = getattr(inner, "kv_transform", None)
+        if kv is not None:
+            self.kv_transform = kv
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = self.inner(logits, generator) if self.inner is not None else logits
+        self.steps.append(out.detach().float().clone())
+        return out
+
+    def stacked(self) -> torch.Tensor:
+        """The recorded logits as ``(N, T, V)`` (decode step ``t`` in column ``t``)."""
+        if not self.steps:
+            raise ValueError("LogitRecorder recorded nothing; run engine.generate first")
+        return torch.stack(self.steps, dim=1)  # (N, T, V)
+
+    def clear(self) -> None:
+        """Forget the recorded steps."""
+        self.steps = []
+
+
+@dataclass
+class ProbeBatch:
+    """One batch of probe rollouts with both sides' logits at every response position."""
+
+    rollout: Any
+    """The engine's :class:`~workbench.engines.Rollout`."""
+    logits_train: torch.Tensor
+    """``(N, T, V)`` fp32 trainer logits (temperature applied)."""
+    logits_engine: torch.Tensor
+    """``(N, T, V)`` the engine's processed logits (temperature + perturbation, before min-p)."""
+
+
+def probe_batches(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Any,
+    *,
+    engine_dtype: str = "bf16",
+    perturbation: str | None = None,
+    rho: float | None = None,
+    n_trajectories: int = 1024,
+    k: int = 4,
+    batch_prompts: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+) -> Iterator[ProbeBatch]:
+    """Sample ``n_trajectories`` responses in batches and yield both sides' logits for each batch.
+
+    Args:
+        model, tokenizer: the policy (the trainer side runs it in fp32, as :class:`RLOOTrainer` does).
+        task: a :class:`~workbench.tasks.Task` (prompts come from ``task.sample``).
+        engine_dtype: engine weight precision.
+        perturbation: engine perturbation spec (:func:`workbench.engines.make_perturbation`).
+        rho: ρ the engine samples with (``None``: full vocabulary).
+        n_trajectories: total responses (rounded up to whole batches of ``batch_prompts * k``).
+        k: samples per prompt.
+        batch_prompts: prompts per batch (memory: ``batch_prompts * k * T * V`` floats per side).
+        temperature: sampling temperature (both sides).
+        seed: seeds prompts, sampling and perturbation noise.
+        max_new_tokens: response cap (``None``: the task's).
+    """
+    from workbench.engines import TorchEngine, make_perturbation, position_ids
+
+    if n_trajectories < 1:
+        raise ValueError(f"n_trajectories={n_trajectories} must be >= 1")
+    rec = LogitRecorder(make_perturbation(perturbation))
+    engine = TorchEngine(
+        model,
+        dtype=engine_dtype,
+        perturbation=rec,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    rng = random.Random(seed)
+    max_tokens = max_new_tokens or task.max_new_tokens
+    n_batches = -(-n_trajectories // (batch_prompts * k))
+    model.eval()
+    for b in range(n_batches):
+        problems = task.sample(batch_prompts, rng)
+        prompts = [models.encode_prompt(tokenizer, p.prompt) for p in problems]
+        rec.clear()
+        rollout = engine.generate(
+            prompts, n=k, max_tokens=max_tokens, rho=rho, temperature=temperature, seed=seed * 7919 + b
+        )
+        z_engine = rec.stacked()  # (N, T, V)
+        with torch.no_grad():
+            attn = rollout.attention_mask
+            out = model(input_ids=rollout.sequences, attention_mask=attn, position_ids=position_ids(attn))
+            p = rollout.prompt_len
+            z_train = out.logits[:, p - 1 : -1].float() / temperature  # (N, T, V)
+        yield ProbeBatch(rollout, z_train, z_engine)
+
+
+def envelope_terms(
+    logits_train: torch.Tensor, logits_engine: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per valid sampled token: ``|Δ|``, ``ε`` and the trainer probability ``p`` (all ``(n,)`` float64).
+
+    ``ε = ½ (max_b δ_b − min_b δ_b)`` with ``δ = z_engine − z_train``: softmax ignores a constant shift,
+    and this is the smallest ``‖δ − c‖_∞`` over shifts ``c``.
+    """
+    zt = logits_train[mask].double()  # (n, V)
+    ze = logits_engine[mask].double()  # (n, V)
+    tok = tokens[mask].long()[:, None]  # (n, 1)
+    delta = ze - zt  # (n, V)
+    eps = 0.5 * (delta.amax(-1) - delta.amin(-1))  # (n,)
+    lp_t = torch.log_softmax(zt, -1).gather(-1, tok).squeeze(-1)  # (n,)
+    lp_e = torch.log_softmax(ze, -1).gather(-1, tok).squeeze(-1)  # (n,)
+    return (lp_e - lp_t).abs(), eps, lp_t.exp()
+
+
+def envelope_stats(gap: torch.Tensor, eps: torch.Tensor, p: torch.Tensor) -> dict[str, float]:
+    """How the measured ``|Δ|`` of sampled tokens sits against Prop 4.2's envelope.
+
+    The exact bound ``|Δ_a| ≤ 2ε(1 − p_a e^{−2ε})`` must hold for every token; the first-order
+    ``2ε(1 − p_a)`` is the envelope the paper plots.
+
+    Args:
+        gap, eps, p: ``(n,)`` from :func:`envelope_terms`.
+
+    Returns:
+        ``{"count", "eps_median", "frac_within_exact", "ratio_first_order_median",
+        "ratio_first_order_max"}`` (ratios ``|Δ| / (2ε(1−p))``).
+
+    >>> zt = torch.tensor([[0.0, -1.0, -2.0]])
+    >>> terms = envelope_terms(zt, zt + torch.tensor([[0.1, -0.1, 0.0]]), torch.tensor([1]), torch.tensor([True]))
+    >>> s = envelope_stats(*terms)
+    >>> s["count"], round(s["eps_median"], 3), s["frac_within_exact"]
+    (1.0, 0.1, 1.0)
+    """
+    if gap.numel() == 0:
+        return {
+            "count": 0.0,
+            "eps_median": math.nan,
+            "frac_within_exact": math.nan,
+            "ratio_first_order_median": math.nan,
+            "ratio_first_order_max": math.nan,
+        }
+    exact = 2 * eps * (1 - p * torch.exp(-2 * eps))
+    first = 2 * eps * (1 - p)
+    ok = first > 0
+    ratio = gap[ok] / first[ok]
+    return {
+        "count": float(gap.numel()),
+        "eps_median": float(eps.median()),
+        "frac_within_exact": float((gap <= exact * (1 + 1e-6) + 1e-9).double().mean()),
+        "ratio_first_order_median": float(ratio.median()) if ratio.numel() else math.nan,
+        "ratio_first_order_max": float(ratio.max()) if ratio.numel() else math.nan,
+    }
+
+
+@dataclass
+class Signature:
+    """The mismatch signature of one engine setting (see the module docstring)."""
+
+    engine: str
+    """``"<dtype> + <perturbation>"``."""
+    n_trajectories: int
+    n_tokens: int
+    bins: list[dict[str, float]]
+    """:func:`workbench.metrics.delta_by_prob_bin` rows."""
+    lowp: dict[str, float]
+    """Positive mode of tokens with p < 1e-3 (:func:`workbench.metrics.sampled_tail_delta`)."""
+    tail: dict[str, float]
+    """The same for the e^-13 tail proper (trainer probability below e^-13 of the row max)."""
+    envelope: dict[str, float]
+    """:func:`envelope_stats`."""
+    k1: float
+    k3: float
+    deltas: list[tuple[float, float]] = field(default_factory=list)
+    """A sample of ``(log p_train, Δ)`` pairs for scatter plots (at most 5,000)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (nan → None)."""
+
+        def clean(x: Any) -> Any:
+            if isinstance(x, float):
+                return x if math.isfinite(x) else None
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v) for v in x]
+            return x
+
+        return clean(self.__dict__)
+
+
+def measure_signature(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Any,
+    *,
+    engine_dtype: str = "bf16",
+    perturbation: str | None = None,
+    n_trajectories: int = 1024,
+    seed: int = 0,
+    temperature: float = 1.0,
+    edges: Sequence[float] = metrics.DEFAULT_P_EDGES,
+    **probe_kw: Any,
+) -> Signature:
+    """Sample with the full vocabulary (no min-p) and measure the mismatch signature.
+
+    Args:
+        model, tokenizer, task: the policy and its task.
+        engine_dtype, perturbation: the engine setting.
+        n_trajectories: responses sampled (≥ 1,000 for the paper's checks).
+        seed: seeds everything.
+        temperature: sampling temperature.
+        edges: trainer-probability bin edges.
+        **probe_kw: passed to :func:`probe_batches` (``k``, ``batch_prompts``, ``max_new_tokens``).
+
+    Returns:
+        A :class:`Signature`.
+    """
+    lt_all, li_all, tail_all, env_terms = [], [], [], []
+    n_traj = 0
+    for batch in probe_batches(
+        model,
+        tokenizer,
+        task,
+        engine_dtype=engine_dtype,
+        perturbation=perturbation,
+        rho=None,
+        n_trajectories=n_trajectories,
+        seed=seed,
+        temperature=temperature,
+        **probe_kw,
+    ):
+        r = batch.rollout
+        mask = r.mask
+        lt = dvp.token_logprobs(batch.logits_train, r.tokens, None)  # (N, T)
+        tail = metrics.boundary_tokens(batch.logits_train, r.tokens, math.exp(TAIL_LOG_RHO), mask=mask)
+        lt_all.append(lt[mask])
+        li_all.append(r.logprobs[mask])
+        tail_all.append(tail[mask])
+        env_terms.append(envelope_terms(batch.logits_train, batch.logits_engine, r.tokens, mask))
+        n_traj += r.tokens.shape[0]
+    lt, li, tail = torch.cat(lt_all), torch.cat(li_all), torch.cat(tail_all)  # (n,) each
+    ones = torch.ones_like(lt, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(lt.numel(), generator=gen)[:5000]
+    envelope = envelope_stats(*(torch.cat(parts) for parts in zip(*env_terms)))
+    mm = metrics.mismatch_metrics(lt[None], li[None], ones[None])
+    return Signature(
+        engine=f"{engine_dtype} + {perturbation or 'none'}",
+        n_trajectories=n_traj,
+        n_tokens=int(lt.numel()),
+        bins=metrics.delta_by_prob_bin(lt, li, ones, edges),
+        lowp=_strip(metrics.sampled_tail_delta(lt, li, ones, 1e-3)),
+        tail=_strip(metrics.sampled_tail_delta(lt[tail], li[tail], ones[tail], 1.0))
+        if bool(tail.any())
+        else {
+            "count": 0.0,
+            "delta_mean": math.nan,
+            "delta_ci_lo": math.nan,
+            "delta_ci_hi": math.nan,
+            "frac_positive": math.nan,
+        },
+        envelope=envelope,
+        k1=mm["mismatch/k1"],
+        k3=mm["mismatch/k3"],
+        deltas=[(float(a), float(b - a)) for a, b in zip(lt[pick].tolist(), li[pick].tolist())],
+    )
+
+
+def _strip(d: dict[str, float]) -> dict[str, float]:
+    return {k.replace("mismatch/lowp_", ""): v for k, v in d.items()}
