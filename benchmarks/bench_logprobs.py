@@ -21,7 +21,7 @@ shows each method's time relative to TRL and memory relative to ``naive``; a fin
 targets at the largest vocabulary (DVP time ≤ 1.0× TRL, DVP peak memory ≤ 0.5× naive).
 
 Run: ``python benchmarks/bench_logprobs.py`` (4096 rows × V ∈ {8192, 32768, 151936}, fp32 and bf16;
-needs ≈ 9 GB of RAM for the naive version at V = 151,936 in fp32) or ``--quick`` (1024 rows, < 3 min).
+needs ≈ 9 GB of RAM for the naive version at V = 151,936 in fp32) or ``--quick`` (512 rows, < 3 min).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def run_case(rows: int, seq: int, vocab: int, dtype_name: str, rho: float, repea
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=None, help="logits rows (default 4096; 1024 with --quick)")
+    ap.add_argument("--rows", type=int, default=None, help="logits rows (default 4096; 512 with --quick)")
     ap.add_argument("--seq", type=int, default=512, help="rows per sequence: logits are [rows/seq, seq, V]")
     ap.add_argument("--vocab", type=int, nargs="+", default=[8192, 32768, 151936], help="vocabulary sizes")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
@@ -156,14 +156,14 @@ def main() -> None:
         "--repeats", type=int, default=None, help="timed runs per method (default 5; 3 with --quick)"
     )
     ap.add_argument("--rho", type=float, default=DEFAULT_RHO, help="min-p threshold (default e^-13)")
-    ap.add_argument("--quick", action="store_true", help="1024 rows, 3 repeats: under 3 minutes")
+    ap.add_argument("--quick", action="store_true", help="512 rows, 3 repeats: under 3 minutes")
     ap.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = args.rows or (1024 if args.quick else 4096)
+    rows = args.rows or (512 if args.quick else 4096)
     repeats = args.repeats or (3 if args.quick else 5)
     seq = min(args.seq, rows)
     if rows % seq:

@@ -198,3 +198,93 @@ def test_recorder_sees_the_engines_processed_logits() -> None:
     assert float(gap.max()) <= 3.0 + 1e-5
     lp = torch.log_softmax(z, -1).gather(-1, r.tokens[..., None]).squeeze(-1)
     torch.testing.assert_close(lp[r.mask], r.logprobs[r.mask], atol=1e-5, rtol=0)
+
+
+def test_positive_mode_and_full_overlap_on_a_fresh_model() -> None:
+    # A random-init model spreads its mass, so low-p tokens are sampled often: fast and policy-free.
+    from workbench.experiments.overlap import measure_overlap
+    from workbench.experiments.signature import measure_signature
+    from workbench.models import TinyModelConfig, build_tiny_model, build_tokenizer
+    from workbench.tasks import make_task
+
+    tok = build_tokenizer(2048)  # near-uniform over 2,048 ids: every sampled token has p < 1e-3
+    model = build_tiny_model(TinyModelConfig(vocab_size=2048, hidden_size=32, num_layers=1, num_heads=2), tok)
+    task = make_task("addition", digits=2)
+    kw = {"n_trajectories": 128, "k": 4, "batch_prompts": 16, "max_new_tokens": 6}
+    sig = measure_signature(model, tok, task, engine_dtype="fp32", perturbation="gaussian:0.5", **kw)
+    assert sig.n_trajectories == 128 and sig.lowp["count"] > 100
+    # Prop 4.3: sampled low-p tokens have Δ ≈ σ²(1 − p) > 0, and the interval excludes 0.
+    assert sig.lowp["delta_ci_lo"] > 0 and 0.1 < sig.lowp["delta_mean"] < 0.5
+    assert sig.envelope["frac_within_exact"] == 1.0
+    assert sum(b["count"] for b in sig.bins) == sig.n_tokens
+    same = measure_overlap(model, tok, task, engine_dtype="fp32", perturbation=None, rho=1e-2, **kw)
+    assert same.overlap_mean == 1.0 and same.boundary_tokens == 0
+    noisy = measure_overlap(
+        model, tok, task, engine_dtype="fp32", perturbation="gaussian:1.0", rho=1e-2, **kw
+    )
+    assert noisy.overlap_mean < 1.0 and noisy.boundary_tokens > 0
+
+
+# ------------------------------------------------------------------ the paper's claims on the QUICK presets
+
+
+def _shipped(name: str) -> None:
+    from workbench.models import available_policies
+
+    if name not in available_policies():
+        pytest.skip(
+            f"needs the shipped policy {name!r} (workbench sft --preset {name} --out workbench/assets/policies)"
+        )
+
+
+#: Seed of the QUICK claim tests (results/README.md quotes the same seed).
+CLAIM_SEED = 0
+
+
+@pytest.mark.slow
+def test_quick_headline_naive_trips_the_criterion_and_dvp_mis_does_not() -> None:
+    from workbench.experiments import HEADLINE_SCENARIO, SCENARIOS, run_arms
+
+    _shipped(SCENARIOS[HEADLINE_SCENARIO]["model"])
+    res = run_arms(HEADLINE_SCENARIO, ["naive", "dvp_mis"], seeds=[CLAIM_SEED], quick=True, progress=False)
+    naive, dvp = res.run("naive", CLAIM_SEED), res.run("dvp_mis", CLAIM_SEED)
+    assert naive.verdict["label"] in ("collapse", "degraded"), naive.verdict
+    assert dvp.verdict["label"] == "stable", dvp.verdict
+    # The mechanism: naive samples the tail, DVP never does.
+    assert sum(naive.series("mismatch/tail_tokens")) > 0 and sum(dvp.series("mismatch/tail_tokens")) == 0
+
+
+@pytest.mark.slow
+def test_sampled_tail_delta_is_positive_under_gaussian_noise() -> None:
+    from workbench import models, tasks
+    from workbench.experiments import SCENARIOS
+    from workbench.experiments.signature import measure_signature
+
+    scen = SCENARIOS["gaussian"]
+    _shipped(scen["model"])
+    model, tok = models.load_policy(models.pretrained_policy(scen["model"]))
+    task = tasks.make_task(scen["task"], **scen["task_kwargs"])
+    sig = measure_signature(
+        model,
+        tok,
+        task,
+        engine_dtype=scen["engine_dtype"],
+        perturbation=scen["perturbation"],
+        n_trajectories=256,
+    )
+    assert sig.lowp["count"] >= 30
+    assert sig.lowp["delta_mean"] > 0 and sig.lowp["delta_ci_lo"] > 0, sig.lowp
+
+
+@pytest.mark.slow
+def test_safe_sets_agree_without_perturbation() -> None:
+    from workbench import models, tasks
+    from workbench.experiments import HEADLINE_SCENARIO, SCENARIOS
+    from workbench.experiments.overlap import measure_overlap
+
+    scen = SCENARIOS[HEADLINE_SCENARIO]
+    _shipped(scen["model"])
+    model, tok = models.load_policy(models.pretrained_policy(scen["model"]))
+    task = tasks.make_task(scen["task"], **scen["task_kwargs"])
+    ov = measure_overlap(model, tok, task, engine_dtype="bf16", perturbation=None, n_trajectories=256)
+    assert ov.overlap_mean >= 0.99, ov

@@ -257,6 +257,32 @@ def test_safe_set_view_keeps_a_prefix_of_the_sorted_vocabulary() -> None:
         ex.safe_set_view(z[None], 1e-3)
 
 
+def test_tail_draws_counts_tokens_outside_the_trainers_safe_set() -> None:
+    from types import SimpleNamespace
+
+    logits = torch.tensor([[0.0, -1.0, -20.0, -30.0]]).repeat(2, 3, 1)  # (N=2, T=3, V=4); V_S at e^-5 = {0, 1}
+    tokens = torch.tensor([[0, 2, 3], [1, 3, 0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])  # the last slot is padding (token 0)
+    lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    sample = ex.PolicySample(SimpleNamespace(tokens=tokens), logits, lp, lp + 0.5, mask)
+    t = ex.tail_draws(sample, rho=math.exp(-5))
+    assert t == {
+        "tokens": 5.0,
+        "outside": 3.0,  # tokens 2, 3 and 3 (the padded slot is not counted)
+        "mean_delta_outside": pytest.approx(0.5),
+        "min_gap": pytest.approx(float(lp[0, 2] - lp[0, 0])),  # token 3 against the top token 0
+        "log_rho": pytest.approx(-5.0),
+    }
+    ones = torch.ones_like(tokens)  # token 1 everywhere: inside V_S
+    lp1 = torch.log_softmax(logits, -1).gather(-1, ones[..., None]).squeeze(-1)
+    inside = ex.PolicySample(SimpleNamespace(tokens=ones), logits, lp1, lp1, mask)
+    t_in = ex.tail_draws(inside, rho=math.exp(-5))
+    assert t_in["outside"] == 0.0 and math.isnan(t_in["mean_delta_outside"])
+    assert t_in["min_gap"] >= t_in["log_rho"]  # nothing outside V_S ⇔ every gap ≥ log ρ
+    with pytest.raises(ValueError, match="rho=None"):
+        ex.tail_draws(sample, rho=None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # explorers
 

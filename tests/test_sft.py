@@ -4,6 +4,7 @@ one, learning on a short run, the CLI entry point, and the shipped policies."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -139,7 +140,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     f = [sft.lr_factor(s, cfg) for s in range(101)]
     assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert max(f) == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after the warm-up
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # monotone decay after the warm-up
     assert f[100] == pytest.approx(0.1)
     # A warm-up longer than the run only ramps up (CLI --steps overrides stay valid).
     short = dataclasses.replace(sft.PRESETS["add2"], steps=3)
@@ -221,7 +222,9 @@ def test_tail_stats_agree_with_dvp() -> None:
     assert stats["tail/safe_size_mean"] == pytest.approx(size)
     vocab = TINY_MODEL.vocab_size
     assert stats["tail/frac_below_rho"] == pytest.approx(1 - size / vocab)
-    assert 0 <= stats["tail/unused_gap_min"] <= stats["tail/unused_gap_p01"] <= stats["tail/unused_gap_median"]
+    assert (
+        0 <= stats["tail/unused_gap_min"] <= stats["tail/unused_gap_p01"] <= stats["tail/unused_gap_median"]
+    )
     assert 0 < stats["tail/unused_mass_mean"] < 1
 
 
@@ -243,6 +246,14 @@ def test_shipped_policy_is_current_and_competent(name: str) -> None:
     assert SHIPPED_BAND[0] <= recorded <= SHIPPED_BAND[1]
     fresh = sft.sampled_accuracy(model, tok, cfg.make_task(), n=128, seed=1)
     assert abs(fresh - recorded) <= SHIPPED_TOLERANCE, (fresh, recorded)
+
+
+def test_preset_policy_uses_the_current_shipped_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sft, "train_sft", None)  # calling it would fail
+    for name in sft.PRESETS:
+        assert sft.preset_policy(name) == models.pretrained_policy(name)
+    with pytest.raises(ValueError, match="not a preset"):
+        sft.preset_policy("nope")
 
 
 def test_greedy_accuracy_matches_a_plain_argmax_loop() -> None:

@@ -49,6 +49,7 @@ Run the doctests: ``pytest --doctest-modules workbench/dvp.py``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ def validate_rho(rho: float | None, name: str = "rho") -> None:
     """
     if rho is None:
         return
-    ok = isinstance(rho, (int, float)) and not isinstance(rho, bool) and 0.0 < rho <= 1.0
+    ok = isinstance(rho, numbers.Real) and not isinstance(rho, bool) and 0.0 < rho <= 1.0
     if not ok:  # NaN fails the range test too
         raise ValueError(
             f"{name}={rho!r} must be in (0, 1] (or None for no pruning); "
@@ -123,7 +124,7 @@ def validate_rho(rho: float | None, name: str = "rho") -> None:
 
 
 def _check_temperature(temperature: float) -> None:
-    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
     if not (ok and math.isfinite(temperature) and temperature > 0):
         raise ValueError(
             f"temperature={temperature!r} must be a finite number in (0, inf); "
@@ -134,7 +135,7 @@ def _check_temperature(temperature: float) -> None:
 def _check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is None:
         return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(
             f"chunk_size={chunk_size!r} must be an int >= 1 (rows per chunk) or None; "
             "use None to size chunks automatically"
@@ -238,7 +239,7 @@ def _pruned_fill(rho: float, vocab: int, dtype: torch.dtype) -> float:
 
 def _auto_chunk(vocab: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
-        return chunk_size
+        return int(chunk_size)
     return max(1, DEFAULT_BLOCK_BYTES // (4 * vocab))
 
 
@@ -551,7 +552,8 @@ def token_logprobs(
     ``log_softmax(where(safe_mask, z / T, max − MASK_MARGIN)).gather(tokens)``, and to plain
     ``log_softmax(z / T).gather(tokens)`` when ``rho`` is None, but never builds an ``[N, V]`` tensor
     beyond the logits (and, with autograd, their gradient): one ``[chunk, V]`` fp32 workspace is reused.
-    A token outside the safe set gets ``≈ −MASK_MARGIN − log Z'`` (finite) and no gradient of its own.
+    A token outside the safe set gets ``−MASK_MARGIN − log Σ_{V_S} e^{z/T − max}`` (finite), and its own
+    logit gets no gradient (module docstring, item 2).
 
     Args:
         logits: ``[..., V]`` logits (fp32/bf16/fp16/fp64; non-contiguous slices such as

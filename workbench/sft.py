@@ -195,10 +195,10 @@ PRESETS: dict[str, SFTConfig] = {
     # 2-digit additions, answer then eos: the default policy of the trainer and the notebooks.
     "add2": SFTConfig(task="addition", task_kwargs={"digits": 2}),
     # Answer, then pose and solve two more additions (~24-token responses): the collapse experiments.
-    "multiadd": SFTConfig(task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}),
+    "multiadd": SFTConfig(task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=800),
     # The same with label smoothing: a heavier tail of unused ids, closer to a real LLM's.
     "multiadd_smooth": SFTConfig(
-        task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, label_smoothing=0.1
+        task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=800, label_smoothing=0.1
     ),
 }
 
@@ -476,6 +476,18 @@ def default_cache_dir() -> Path:
 def preset_name(cfg: SFTConfig) -> str | None:
     """The :data:`PRESETS` name whose recipe is ``cfg`` (same digest), or ``None``."""
     return next((name for name, c in PRESETS.items() if c.digest() == cfg.digest()), None)
+
+
+def preset_policy(name: str, *, progress: bool = True) -> Path:
+    """Directory of the policy of preset ``name``: the shipped copy if it was made by the current
+    recipe (same digest), else :func:`sft_policy` (the cache, training on a miss)."""
+    if name not in PRESETS:
+        raise ValueError(f"name={name!r} is not a preset: allowed {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    shipped = models.PRETRAINED_DIR / name
+    if (shipped / "config.json").is_file() and models.policy_metadata(shipped).get("digest") == cfg.digest():
+        return shipped
+    return sft_policy(cfg, progress=progress)
 
 
 def sft_policy(

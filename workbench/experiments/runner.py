@@ -73,12 +73,6 @@ KEPT_KEYS: tuple[str, ...] = (
     "perf/step_s",
 )
 
-#: Label-smoothed warm start used when no ``multiadd_smooth`` policy is shipped (a heavier tail).
-_FALLBACK_SFT: dict[str, dict[str, Any]] = {
-    "multiadd_smooth": {"task": "multiadd", "steps": 800, "label_smoothing": 0.1},
-}
-
-
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
     p = Path(path)
@@ -98,9 +92,9 @@ def resolve_model(name: str | None) -> str | None:
     """The model spec to train from: a shipped policy name as is, else a cached SFT policy directory.
 
     Scenarios name policies (``"multiadd"``, ``"multiadd_smooth"``) that the SFT recipes ship under
-    ``workbench/assets/policies``. Until one is shipped, the same recipe (``workbench.sft.PRESETS``, or a
-    label-smoothed fallback here) is trained once and cached (``~/.cache/dvp-workbench``), so an
-    experiment runs either way. Paths and ``None`` pass through.
+    ``workbench/assets/policies``. Until one is shipped, the same recipe (``workbench.sft.PRESETS``) is
+    trained once and cached (``~/.cache/dvp-workbench``), so an experiment runs either way (slowly the
+    first time). Paths and ``None`` pass through.
     """
     from workbench import models, sft
 
@@ -108,8 +102,6 @@ def resolve_model(name: str | None) -> str | None:
         return name
     if name in sft.PRESETS:
         return str(sft.sft_policy(sft.PRESETS[name], progress=False))
-    if name in _FALLBACK_SFT:
-        return str(sft.sft_policy(sft.SFTConfig(**_FALLBACK_SFT[name]), progress=False))
     return name  # let the trainer raise its "unknown policy" error
 
 

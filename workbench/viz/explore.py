@@ -60,6 +60,7 @@ __all__ = [
     "safe_set_figure",
     "safe_set_view",
     "sample_policy",
+    "tail_draws",
     "sequence_mismatch_vs_length",
     "trainer_logits",
     "valid_rows",
@@ -682,6 +683,11 @@ def positive_mode_data(
     }
 
 
+def _finite_or_none(xs: Sequence[float]) -> list[float | None]:
+    """NaN/inf → None: plotly draws a gap, and the figure stays valid JSON (Jupyter rejects NaN in messages)."""
+    return [float(x) if math.isfinite(x) else None for x in xs]
+
+
 def _bin_labels(lo: Sequence[float], hi: Sequence[float]) -> list[str]:
     return [f"[{a:.0e}, {b:.0e})" if a > 0 else f"[0, {b:.0e})" for a, b in zip(lo, hi)]
 
@@ -700,8 +706,8 @@ def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
     fig.add_trace(
         go.Scatter(
             x=labels,
-            y=data["cond"],
-            error_y={"type": "data", "array": data["cond_ci"], "visible": True},
+            y=_finite_or_none(data["cond"]),
+            error_y={"type": "data", "array": _finite_or_none(data["cond_ci"]), "visible": True},
             mode="markers+lines",
             name="E[Δ | engine sampled a] (Monte Carlo, 95% CI)",
             line={"color": _COLORS[1]},
@@ -712,7 +718,7 @@ def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
     fig.add_trace(
         go.Scatter(
             x=labels,
-            y=data["theory_digest"],
+            y=_finite_or_none(data["theory_digest"]),
             mode="lines",
             name="σ²(1 − p) (THEORY.md)",
             line={"color": _COLORS[1], "dash": "dot"},
@@ -723,7 +729,7 @@ def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
     fig.add_trace(
         go.Scatter(
             x=labels,
-            y=data["theory_second_order"],
+            y=_finite_or_none(data["theory_second_order"]),
             mode="lines",
             name="σ²(½ − 2p + 3/2·Σp²) (2nd order)",
             line={"color": _COLORS[3], "dash": "dash"},
@@ -734,7 +740,7 @@ def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
     fig.add_trace(
         go.Scatter(
             x=labels,
-            y=data["uncond"],
+            y=_finite_or_none(data["uncond"]),
             mode="markers+lines",
             name="E[Δ] for any token (Monte Carlo)",
             line={"color": _COLORS[0]},
@@ -745,7 +751,7 @@ def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
     fig.add_trace(
         go.Scatter(
             x=labels,
-            y=data["theory_uncond"],
+            y=_finite_or_none(data["theory_uncond"]),
             mode="lines",
             name="−(σ²/2)(1 − Σp²)",
             line={"color": _COLORS[0], "dash": "dot"},
@@ -1090,6 +1096,38 @@ def rho_sweep(logits: torch.Tensor, rhos: Sequence[float], *, horizon: int = 1) 
             }
         )
     return rows
+
+
+def tail_draws(sample: PolicySample, rho: float = dvp.DEFAULT_RHO) -> dict[str, float]:
+    """What the engine sampled from outside the trainer's safe set at ``rho`` — the tail DVP removes.
+
+    With a full-vocabulary engine these are *tail draws*; with an engine that prunes at the same ρ they can only
+    be *boundary tokens* (the engine's perturbed logits moved them across the cut).
+
+    Args:
+        sample: a :class:`PolicySample`.
+        rho: the trainer's min-p threshold.
+
+    Returns:
+        ``tokens`` (valid sampled tokens), ``outside`` (how many lie outside the trainer's V_S),
+        ``mean_delta_outside`` (their mean Δ = log μ − log π; NaN when there are none), ``min_gap`` (the
+        smallest ``log π(a) − log max_b π(b)`` of a sampled token: ≥ log ρ exactly when none is outside) and
+        ``log_rho``.
+    """
+    dvp.validate_rho(rho)
+    if rho is None:
+        raise ValueError("rho=None has no safe set; pass the trainer's threshold, e.g. dvp.DEFAULT_RHO")
+    outside = metrics.boundary_tokens(sample.logits, sample.tokens, rho, mask=sample.mask)  # (N, T)
+    d = (sample.logp_infer - sample.logp_train)[outside].double()
+    top = torch.log_softmax(sample.logits.double(), -1).amax(-1)  # (N, T) log max_b π(b)
+    gap = (sample.logp_train.double() - top)[sample.mask]  # (n,) log π(a) − log max π
+    return {
+        "tokens": float(sample.mask.sum()),
+        "outside": float(outside.sum()),
+        "mean_delta_outside": float(d.mean()) if d.numel() else float("nan"),
+        "min_gap": float(gap.min()) if gap.numel() else float("nan"),
+        "log_rho": math.log(rho),
+    }
 
 
 def safe_set_figure(view: Mapping[str, Any], sweep: Sequence[Mapping[str, float]], rho: float) -> go.Figure:
