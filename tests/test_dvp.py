@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -408,9 +409,15 @@ def test_validate_rho_rejects(rho):
         validate_rho(rho, "cfg.rho")
 
 
-@pytest.mark.parametrize("rho", [None, 1.0, 1, DEFAULT_RHO, 5e-324])
+@pytest.mark.parametrize("rho", [None, 1.0, 1, DEFAULT_RHO, 5e-324, np.float32(0.25)], ids=str)
 def test_validate_rho_accepts(rho):
     validate_rho(rho)
+
+
+def test_numpy_scalars_are_accepted():
+    z, t = make_logits((3, 12), seed=1), make_tokens((3,), 12, seed=1)
+    got = token_logprobs(z, t, np.float64(0.01), chunk_size=np.int64(2), temperature=np.float32(0.5))
+    assert torch.equal(got, token_logprobs(z, t, 0.01, chunk_size=2, temperature=0.5))
 
 
 ALL_FUNCTIONS = {
