@@ -130,6 +130,12 @@ class RLOOConfig:
     """Rows per chunk in the memory-lean DVP log-prob kernel."""
     checkpoint_every: int = 0
     """Write a checkpoint every N steps (0: only at the end of ``train`` and on interruption)."""
+    eval_every: int = 0
+    """Every N steps (and at step 1), measure ``eval/reward``: the policy's reward with a *clean* engine
+    (fp32, no perturbation, full vocabulary) on a fixed prompt set — what training did to the policy,
+    free of the rollout engine's own sampling errors. 0 disables it."""
+    eval_prompts: int = 32
+    """Prompts of the fixed evaluation set (``k`` samples each)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, allowed: str, fix: str) -> ValueError:
@@ -194,6 +200,13 @@ class RLOOConfig:
         if self.engine not in ("torch", "vllm"):
             raise bad(
                 "engine", self.engine, "'torch' or 'vllm'", "vllm needs a GPU and `pip install -e .[vllm]`."
+            )
+        if self.eval_every < 0 or self.eval_prompts < 1:
+            raise bad(
+                "eval_every/eval_prompts",
+                (self.eval_every, self.eval_prompts),
+                ">= 0 / >= 1",
+                "0 disables eval.",
             )
         if self.chunk_size < 1 or self.checkpoint_every < 0 or self.vocab_size < 64:
             raise bad(
@@ -264,9 +277,12 @@ TRAINER_METRIC_DOCS: dict[str, str] = {
     "mismatch/tail_logp_mean": "mean trainer log π (full vocabulary) of the tail draws; nan when there are none",
     "mismatch/tail_seqs": "sequences holding at least one tail draw",
     "mismatch/tail_pos_adv": "tail draws in sequences with a positive advantage (the loss pushes them *up*)",
-    "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set at the training ρ (dropped from the loss)",
+    "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set at the training ρ (dropped from the "
+    "loss, and left out of every mismatch/* metric: their masked log-prob is a placeholder)",
     "dvp/log_rho_mean": "mean over valid positions of the log ρ the trainer pruned with (per state when "
     "rho_entropy_scale > 0); nan without pruning",
+    "eval/reward": "mean reward of the policy sampled by a clean engine (fp32, no perturbation, no pruning, "
+    "τ = temperature) on a fixed prompt set, measured after this step's update; nan on steps without eval",
     "optim/grad_norm": "global gradient norm before clipping",
     "optim/lr": "learning rate used for this step",
     "perf/rollout_s": "seconds spent generating rollouts",
@@ -333,6 +349,7 @@ NAN_WHEN_EMPTY: frozenset[str] = frozenset(
     {
         "mismatch/tail_logp_mean",
         "dvp/log_rho_mean",
+        "eval/reward",
         "mismatch/lowp_delta_mean",
         "mismatch/lowp_delta_ci_lo",
         "mismatch/lowp_delta_ci_hi",
@@ -414,6 +431,7 @@ class RLOOTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.engine = self._make_engine()
+        self._eval_engine: Any = None
         self._is = config.is_config()
 
         if self.run_dir is not None:
@@ -549,6 +567,8 @@ class RLOOTrainer:
             elif cfg.rho_entropy_scale > 0:
                 # Outside the per-state safe set: the masked log-prob sits ~MASK_MARGIN below the max.
                 boundary = mask & (logp.detach() < -dvp.MASK_MARGIN / 2)
+            elif cfg.rho == math.exp(TAIL_LOG_RHO):
+                boundary = tail  # the paper's ρ: the same cut as the tail count, no second pass
             else:
                 boundary = metrics.boundary_tokens(
                     detached, rollout.tokens, cfg.rho, mask=mask, temperature=cfg.temperature
@@ -588,6 +608,10 @@ class RLOOTrainer:
         self.engine.sync_weights(self.model)
         t_sync = time.perf_counter() - t2
         self.step_count += 1
+        every = cfg.eval_every
+        eval_reward = (
+            self.evaluate() if every and (self.step_count == 1 or self.step_count % every == 0) else math.nan
+        )
 
         n_tok = int(mask.sum())
         delta = (rollout.logprobs - logp_old)[tail]
@@ -616,6 +640,7 @@ class RLOOTrainer:
             "dvp/log_rho_mean": float(log_rho[mask].double().mean())
             if log_rho is not None and bool(mask.any())
             else math.nan,
+            "eval/reward": eval_reward,
             "optim/grad_norm": float(grad_norm),
             "optim/lr": float(lr),
             "perf/rollout_s": t_rollout,
@@ -624,8 +649,11 @@ class RLOOTrainer:
             "perf/step_s": step_s,
             "perf/tokens_per_s": n_tok / step_s,
         }
-        out.update(metrics.mismatch_metrics(logp_old, rollout.logprobs, mask))
-        out.update(metrics.sampled_tail_delta(logp_old, rollout.logprobs, mask))
+        # Boundary tokens are excluded from the mismatch metrics: under DVP their trainer log-prob is the
+        # finite mask value (≈ −1000), an artefact that would swamp k1/k3; they are counted separately.
+        agree = mask & ~boundary  # (N, T)
+        out.update(metrics.mismatch_metrics(logp_old, rollout.logprobs, agree))
+        out.update(metrics.sampled_tail_delta(logp_old, rollout.logprobs, agree))
         out.update(metrics.dvp_metrics(stats, mask))
         out.update(is_res.stats)
         out.update(loss_stats)
@@ -636,6 +664,35 @@ class RLOOTrainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(out) + "\n")
         return out
+
+    @torch.no_grad()
+    def evaluate(self, prompts: int | None = None, seed: int = 0) -> float:
+        """Mean reward of the current policy sampled by a clean engine on a fixed prompt set.
+
+        The engine is fp32 with no perturbation and no pruning, so this measures the *policy*, not the
+        rollout engine's sampling errors; the prompts (``eval_prompts`` of them, ``k`` samples each) and
+        the sampling seed are the same at every call and in every arm (common random numbers).
+        """
+        from workbench import engines
+
+        cfg = self.config
+        if self._eval_engine is None:
+            self._eval_engine = engines.TorchEngine(
+                self.model,
+                dtype="fp32",
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        else:
+            self._eval_engine.sync_weights(self.model)
+        problems = self.task.sample(prompts or cfg.eval_prompts, random.Random(10_007 + seed))
+        ids = [models.encode_prompt(self.tokenizer, p.prompt) for p in problems]
+        rollout = self._eval_engine.generate(
+            ids, n=cfg.k, max_tokens=self.max_new_tokens, rho=None, temperature=cfg.temperature, seed=seed
+        )
+        texts = self._decode(rollout)
+        rewards = [self.task.reward(problems[int(i)], t) for i, t in zip(rollout.prompt_index, texts)]
+        return sum(rewards) / len(rewards)
 
     def _decode(self, rollout: Any) -> list[str]:
         texts = []
