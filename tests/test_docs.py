@@ -130,3 +130,15 @@ def test_environment_summary_reports_versions_and_device() -> None:
     for key in ("python", "torch", "transformers", "workbench", "device", "shipped policies"):
         assert env[key], key
     assert env["device"] == "cpu" or env["device"].startswith("cuda")
+
+
+def test_metric_keys_named_in_lessons_00_to_05_exist() -> None:
+    """A lesson that names a metric key the trainer does not emit sends the reader looking for nothing."""
+    from workbench.exercises import EXERCISES
+
+    documented = set(all_metric_docs())
+    prefixes = tuple(p for p, _ in docs.GLOSSARY_SECTIONS if p.endswith("/"))
+    for stem in EXERCISES:
+        text = (ROOT / "lessons" / f"{stem}.md").read_text(encoding="utf-8")
+        named = {k for k in re.findall(r"`([a-z_]+/[a-z0-9_]+)`", text) if k.startswith(prefixes)}
+        assert named <= documented, f"lessons/{stem}.md names undocumented keys {sorted(named - documented)}"

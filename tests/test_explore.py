@@ -260,7 +260,9 @@ def test_safe_set_view_keeps_a_prefix_of_the_sorted_vocabulary() -> None:
 def test_tail_draws_counts_tokens_outside_the_trainers_safe_set() -> None:
     from types import SimpleNamespace
 
-    logits = torch.tensor([[0.0, -1.0, -20.0, -30.0]]).repeat(2, 3, 1)  # (N=2, T=3, V=4); V_S at e^-5 = {0, 1}
+    logits = torch.tensor([[0.0, -1.0, -20.0, -30.0]]).repeat(
+        2, 3, 1
+    )  # (N=2, T=3, V=4); V_S at e^-5 = {0, 1}
     tokens = torch.tensor([[0, 2, 3], [1, 3, 0]])
     mask = torch.tensor([[True, True, True], [True, True, False]])  # the last slot is padding (token 0)
     lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)

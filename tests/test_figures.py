@@ -42,7 +42,7 @@ def _run(rho: float | None, seed: int, reward: float, k3: float) -> RunResult:
 
 
 def test_sweep_figure_plots_the_sweep_points_in_grid_order() -> None:
-    rhos = [1e-2, math.exp(-13), None]
+    rhos = [1e-2, None, math.exp(-13)]  # any order: the figure sorts largest ρ first, none last
     res = SweepResults("floor", rhos, [0, 1], 8)
     for rho, rewards, k3 in (
         (1e-2, (0.2, 0.4), 1e-4),

@@ -51,6 +51,8 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ({"lr": float("nan")}, "lr"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"min_lr_frac": 1.5}, "min_lr_frac"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"decay_frac": 2.0}, "decay_frac"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"seed": -1}, "seed"),
@@ -135,16 +137,21 @@ def test_sft_loss_matches_reference(label_smoothing: float) -> None:
         torch.testing.assert_close(g_fast, g_ref, atol=1e-6, rtol=1e-4)
 
 
-def test_lr_schedule_warms_up_then_decays() -> None:
-    cfg = dataclasses.replace(TINY, steps=100, warmup_steps=10, min_lr_frac=0.1)
-    f = [sft.lr_factor(s, cfg) for s in range(101)]
+@pytest.mark.parametrize("schedule", sft.SCHEDULES)
+def test_lr_schedule_warms_up_then_decays(schedule: str) -> None:
+    cfg = dataclasses.replace(TINY, steps=110, warmup_steps=10, min_lr_frac=0.1, schedule=schedule)
+    f = [sft.lr_factor(s, cfg) for s in range(111)]
     assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert max(f) == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # monotone decay after the warm-up
-    assert f[100] == pytest.approx(0.1)
+    assert f[110] == pytest.approx(0.1)
+    if schedule == "wsd":  # holds the peak for the first 1 - decay_frac of the post-warm-up steps
+        held = [x for x in f[10:] if x == 1.0]
+        assert len(held) == 1 + int(100 * (1 - cfg.decay_frac))
     # A warm-up longer than the run only ramps up (CLI --steps overrides stay valid).
-    short = dataclasses.replace(sft.PRESETS["add2"], steps=3)
-    assert [sft.lr_factor(s, short) for s in range(3)] == pytest.approx([1 / 50, 2 / 50, 3 / 50])
+    short = dataclasses.replace(sft.PRESETS["add2"], steps=3, schedule=schedule)
+    w = short.warmup_steps
+    assert [sft.lr_factor(s, short) for s in range(3)] == pytest.approx([1 / w, 2 / w, 3 / w])
 
 
 # --- training ------------------------------------------------------------------------------------------

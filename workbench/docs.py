@@ -94,6 +94,7 @@ def colab_setup_source(repo_url: str = REPO_URL) -> str:
 GLOSSARY_SECTIONS: tuple[tuple[str, str], ...] = (
     ("step", "Bookkeeping"),
     ("reward/", "Reward (what the task's verifier returned)"),
+    ("eval/", "Evaluation (held-out prompts)"),
     ("response/", "Responses"),
     ("mismatch/", "Mismatch between trainer π and rollout engine μ (THEORY.md, 'Metrics to log')"),
     ("dvp/", "Dynamic vocabulary pruning (the safe set V_S, retained mass Z; THEORY.md §5)"),

@@ -58,6 +58,8 @@ EVAL_SEED: int = 0
 """Seed of the recorded accuracy evaluation (problems and sampling)."""
 REMAKE_COMMAND: str = "workbench sft --preset {name} --out workbench/assets/policies"
 """How a shipped policy is remade (recorded in its metadata)."""
+SCHEDULES: tuple[str, ...] = ("wsd", "cosine")
+"""Learning-rate shapes after the warm-up (:func:`lr_factor`)."""
 IGNORE_INDEX: int = -100
 """Label of positions that carry no loss (prompt and padding), as in ``F.cross_entropy``."""
 
@@ -100,6 +102,11 @@ class SFTConfig:
     warmup_steps: int = 50
     """Linear warm-up steps before the cosine decay (at least ``steps``: the rate only ramps up, so
     ``dataclasses.replace(preset, steps=3)`` stays a valid smoke test)."""
+    schedule: str = "cosine"
+    """After the warm-up: ``"cosine"`` decay, or ``"wsd"`` (warmup-stable-decay: hold the peak rate,
+    then decay linearly over the last ``decay_frac`` of the run)."""
+    decay_frac: float = 0.2
+    """Fraction of the post-warm-up steps spent decaying (``"wsd"`` only)."""
     min_lr_frac: float = 0.05
     """Final learning rate as a fraction of ``lr``."""
     weight_decay: float = 0.0
@@ -149,7 +156,8 @@ class SFTConfig:
             "an integer >= 0",
             "e.g. 50 (a warm-up longer than the run just never reaches the peak rate)",
         )
-        for name in ("min_lr_frac", "weight_decay"):
+        _check("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}", "e.g. 'wsd'")
+        for name in ("decay_frac", "min_lr_frac", "weight_decay"):
             value = getattr(self, name)
             _check(name, value, _is_real(value) and 0 <= value <= 1, "a number in [0, 1]", "e.g. 0.05")
         _check(
@@ -195,10 +203,10 @@ PRESETS: dict[str, SFTConfig] = {
     # 2-digit additions, answer then eos: the default policy of the trainer and the notebooks.
     "add2": SFTConfig(task="addition", task_kwargs={"digits": 2}),
     # Answer, then pose and solve two more additions (~24-token responses): the collapse experiments.
-    "multiadd": SFTConfig(task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=800),
+    "multiadd": SFTConfig(task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=1500),
     # The same with label smoothing: a heavier tail of unused ids, closer to a real LLM's.
     "multiadd_smooth": SFTConfig(
-        task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=800, label_smoothing=0.1
+        task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=1500, label_smoothing=0.01
     ),
 }
 
@@ -284,16 +292,28 @@ def sft_loss_reference(
 
 
 def lr_factor(step: int, cfg: SFTConfig) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up to 1, cosine decay to ``min_lr_frac``.
+    """Learning-rate multiplier at ``step``: linear warm-up to 1, then ``cfg.schedule`` down to
+    ``min_lr_frac`` at ``cfg.steps``.
 
-    >>> cfg = SFTConfig(steps=100, warmup_steps=10, min_lr_frac=0.1)
-    >>> [round(lr_factor(s, cfg), 3) for s in (0, 9, 10, 55, 100)]
-    [0.1, 1.0, 1.0, 0.55, 0.1]
+    ``"wsd"`` holds 1 until the last ``decay_frac`` of the post-warm-up steps, then decays linearly;
+    ``"cosine"`` decays along a half cosine from the end of the warm-up.
+
+    >>> cfg = SFTConfig(steps=110, warmup_steps=10, min_lr_frac=0.1, decay_frac=0.5)
+    >>> [round(lr_factor(s, cfg), 3) for s in (0, 9, 10, 60, 85, 110)]
+    [0.1, 1.0, 1.0, 1.0, 0.55, 0.1]
+    >>> cosine = dataclasses.replace(cfg, schedule="cosine")
+    >>> [round(lr_factor(s, cosine), 3) for s in (10, 60, 110)]
+    [1.0, 0.55, 0.1]
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "cosine":
+        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    start = 1.0 - cfg.decay_frac  # progress at which the decay begins
+    if progress <= start:
+        return 1.0
+    return 1.0 - (1.0 - cfg.min_lr_frac) * (progress - start) / cfg.decay_frac
 
 
 def train_sft(

@@ -158,6 +158,7 @@ def loss_variants(
     *,
     out_dir: str | None = None,
     progress: bool = True,
+    command: str = "",
 ) -> dict[str, ArmResults]:
     """Run ``arms`` of ``scenario`` under every loss variant; ``{variant: ArmResults}``.
 
@@ -174,6 +175,7 @@ def loss_variants(
             overrides=overrides,
             out_dir=None if out_dir is None else f"{out_dir}/{name}",
             progress=progress,
+            command=command,
         )
     return out
 
@@ -187,6 +189,7 @@ def adaptive_rho(
     *,
     out_dir: str | None = None,
     progress: bool = True,
+    command: str = "",
 ) -> dict[str, ArmResults]:
     """DVP + MIS with ``rho_entropy_scale`` κ in ``scales`` (0 = the paper's fixed ρ), next to naive.
 
@@ -204,5 +207,6 @@ def adaptive_rho(
             overrides={"rho_entropy_scale": kappa} if kappa else None,
             out_dir=None if out_dir is None else f"{out_dir}/kappa{kappa:g}",
             progress=progress,
+            command=command,
         )
     return out

@@ -122,6 +122,9 @@ class CollapseCriterion:
     """A metric spikes when its max reaches this multiple of its median over the first window."""
     gap: float = 0.10
     """Final-reward shortfall against the reference run that counts as a degradation."""
+    reward_key: str = "reward/mean"
+    """Which reward series is judged: ``reward/mean`` (what the rollout engine sampled) or
+    ``eval/reward`` (the policy under a clean engine, measured every ``eval_every`` steps)."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -148,7 +151,7 @@ class CollapseCriterion:
         if len(rows) < 2:
             raise ValueError(f"rows has {len(rows)} steps; the verdict needs at least 2 (run more steps)")
         w = max(1, min(self.window, len(rows) // 4))
-        reward = _series(rows, "reward/mean")
+        reward = _series(rows, self.reward_key)
         start = statistics.fmean(_finite(reward[:w]) or [math.nan])
         final = statistics.fmean(_finite(reward[-w:]) or [math.nan])
         peak = max(_finite(rolling_mean(reward, w)) or [math.nan])
@@ -176,7 +179,7 @@ class CollapseCriterion:
         reasons.extend(spiked)
         ref_final = math.nan
         if reference is not None and len(reference) >= 2:
-            ref_reward = _series(reference, "reward/mean")
+            ref_reward = _series(reference, self.reward_key)
             ref_final = statistics.fmean(_finite(ref_reward[-w:]) or [math.nan])
         if fell and spiked:
             label = "collapse"

@@ -50,6 +50,7 @@ KEPT_KEYS: tuple[str, ...] = (
     "step",
     "reward/mean",
     "reward/accuracy",
+    "eval/reward",
     "response/length_mean",
     "mismatch/k1",
     "mismatch/k3",
@@ -72,6 +73,7 @@ KEPT_KEYS: tuple[str, ...] = (
     "loss/all_rejected",
     "perf/step_s",
 )
+
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
@@ -194,7 +196,8 @@ class ArmResults:
     def summary_rows(self) -> list[dict[str, Any]]:
         """One flat row per run: the headline numbers of ``summary.csv``."""
         rows = []
-        for r in self.runs:
+        order = {a: i for i, a in enumerate(self.arms)}
+        for r in sorted(self.runs, key=lambda r: (order.get(r.arm, len(order)), r.seed)):
             v = r.verdict or {}
             rows.append(
                 {
@@ -205,6 +208,8 @@ class ArmResults:
                     "reward_start": v.get("start", math.nan),
                     "reward_peak": v.get("peak", math.nan),
                     "reward_final": v.get("final", math.nan),
+                    "eval_first": _first_finite(r.series("eval/reward")),
+                    "eval_final": _tail_mean(r.series("eval/reward")),
                     "k1_final": _tail_mean(r.series("mismatch/k1")),
                     "k3_max": _nanmax(r.series("mismatch/k3")),
                     "grad_norm_max": _nanmax(r.series("optim/grad_norm")),
@@ -270,6 +275,10 @@ def _nanmax(xs: Sequence[float]) -> float:
 
 def _nansum(xs: Sequence[float]) -> float:
     return float(sum(x for x in xs if math.isfinite(x)))
+
+
+def _first_finite(xs: Sequence[float]) -> float:
+    return next((x for x in xs if math.isfinite(x)), math.nan)
 
 
 def _tail_mean(xs: Sequence[float], frac: float = 0.25) -> float:

@@ -64,7 +64,7 @@ def _gen(seed: int) -> torch.Generator:
 
 def _show(x: torch.Tensor) -> str:
     if x.numel() <= 12:
-        return str([round(v, 6) if isinstance(v, float) else v for v in x.flatten().tolist()])
+        return "[" + ", ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in x.flatten().tolist()) + "]"
     return f"tensor of shape {tuple(x.shape)}"
 
 

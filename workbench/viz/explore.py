@@ -60,8 +60,8 @@ __all__ = [
     "safe_set_figure",
     "safe_set_view",
     "sample_policy",
-    "tail_draws",
     "sequence_mismatch_vs_length",
+    "tail_draws",
     "trainer_logits",
     "valid_rows",
 ]

@@ -176,8 +176,9 @@ def _non_empty(name: str, records: Sequence[Any] | Mapping[str, Any]) -> list[An
 def sweep_figure(points: Sequence[Mapping[str, Any]], *, title: str = "") -> go.Figure:
     """The ρ sweep: final reward (mean ± std over seeds) and final mismatch / pruned mass against ρ.
 
-    The x axis keeps the sweep's order (largest ρ — most pruning — first, ``none`` last), so the paper's
-    expected inverted U in reward reads left to right: pruning bias, a plateau, then the tail's mismatch.
+    The x axis runs from the largest ρ (most pruning) to the smallest, ``none`` last (points carrying a
+    ``rho`` key are sorted; others keep their order), so the paper's expected inverted U in reward reads
+    left to right: pruning bias, a plateau, then the tail's mismatch.
 
     Args:
         points: :meth:`workbench.experiments.sweep.SweepResults.points` rows (``label``,
@@ -197,6 +198,9 @@ def sweep_figure(points: Sequence[Mapping[str, Any]], *, title: str = "") -> go.
     (['final reward', 'final k3', 'final 1 − Z', 'tail draws per run'], (0.05, None))
     """
     pts = _non_empty("points", points)
+    if all(isinstance(p, Mapping) and "rho" in p for p in pts):  # order by ρ, largest first, no pruning last
+        pruned = sorted((p for p in pts if p["rho"] is not None), key=lambda p: -float(p["rho"]))
+        pts = pruned + [p for p in pts if p["rho"] is None]
     labels = [str(_field(p, "label")) for p in pts]
     fig = make_subplots(
         rows=1,
