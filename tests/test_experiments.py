@@ -288,3 +288,16 @@ def test_safe_sets_agree_without_perturbation() -> None:
     task = tasks.make_task(scen["task"], **scen["task_kwargs"])
     ov = measure_overlap(model, tok, task, engine_dtype="bf16", perturbation=None, n_trajectories=256)
     assert ov.overlap_mean >= 0.99, ov
+
+
+def test_merge_results_joins_seeds_and_refuses_mismatched_parts() -> None:
+    from workbench.experiments.runner import merge_results
+
+    a, b = _fake_results(), _fake_results()
+    b.seeds = [5]
+    b.command = "other"
+    merged = merge_results([a, b])
+    assert merged.seeds == [0, 1, 5] and len(merged.runs) == 8 and merged.command == "pytest && other"
+    b.steps = 99
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_results([a, b])

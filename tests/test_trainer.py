@@ -198,3 +198,47 @@ def test_all_rejected_batch_gives_zero_update_not_nan() -> None:
     m = trainer.step()
     assert m["loss/all_rejected"] == 1.0 and m["optim/grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_entropy_scaled_mask_reduces_to_the_fixed_safe_set_and_matches_a_reference() -> None:
+    from workbench import dvp
+    from workbench.trainer import entropy_scaled_safe_mask
+
+    g = torch.Generator().manual_seed(0)
+    z = 4 * torch.randn(6, 5, 40, generator=g)  # (B, T, V)
+    keep0, lr0 = entropy_scaled_safe_mask(z, math.log(1e-3), 0.0)
+    assert torch.equal(keep0, dvp.safe_mask(z, 1e-3)) and torch.allclose(
+        lr0, torch.full_like(lr0, math.log(1e-3))
+    )
+    keep, lr = entropy_scaled_safe_mask(z, math.log(1e-3), 0.5)
+    ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    torch.testing.assert_close(lr, math.log(1e-3) * (1 + 0.5 * ent))
+    assert (keep | ~keep0).all()  # a deeper cut keeps everything the fixed one kept
+
+    cfg = RLOOConfig(**{**PROBE, "rho": 1e-3, "rho_entropy_scale": 0.5})
+    trainer = RLOOTrainer(cfg)
+    tokens = torch.randint(0, 64, (3, 4), generator=g)
+    logits = (3 * torch.randn(3, 4, 64, generator=g)).requires_grad_(True)
+    stats, log_rho = trainer._token_stats(logits, tokens)
+    assert log_rho is not None and (log_rho <= math.log(1e-3)).all()
+    keep, _ = entropy_scaled_safe_mask(logits.detach(), math.log(1e-3), 0.5)
+    ref = torch.log_softmax(logits.masked_fill(~keep, float("-inf")), -1).gather(-1, tokens[..., None])[
+        ..., 0
+    ]
+    inside = keep.gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(stats.logp[inside], ref[inside])
+    assert (stats.logp[~inside] < -100).all() and torch.equal(stats.safe_size, keep.sum(-1))
+    stats.logp[inside].sum().backward()  # gradient flows only through the kept logits
+    assert logits.grad is not None and (logits.grad[~keep] == 0).all()
+    with pytest.raises(ValueError, match="rho_entropy_scale"):
+        RLOOConfig(**{**PROBE, "rho": None, "rho_entropy_scale": 0.5})
+
+
+def test_adaptive_rho_run_and_clean_eval_are_reported() -> None:
+    cfg = RLOOConfig(**{**PROBE, "rho": 1e-3, "rho_entropy_scale": 0.5, "eval_every": 2, "eval_prompts": 4})
+    trainer = RLOOTrainer(cfg)
+    hist = trainer.train(2, progress=False)
+    assert all(h["dvp/log_rho_mean"] <= math.log(1e-3) for h in hist)  # the cut only ever goes deeper
+    assert all(0.0 <= h["eval/reward"] <= 1.0 for h in hist)  # evaluated at step 1 and step 2
+    assert trainer.evaluate() == trainer.evaluate()  # fixed prompts and seed: a deterministic measurement
+    assert math.isnan(RLOOTrainer(RLOOConfig(**PROBE)).step()["eval/reward"])  # eval off by default

@@ -298,7 +298,7 @@ def lr_factor(step: int, cfg: SFTConfig) -> float:
     ``"wsd"`` holds 1 until the last ``decay_frac`` of the post-warm-up steps, then decays linearly;
     ``"cosine"`` decays along a half cosine from the end of the warm-up.
 
-    >>> cfg = SFTConfig(steps=110, warmup_steps=10, min_lr_frac=0.1, decay_frac=0.5)
+    >>> cfg = SFTConfig(steps=110, warmup_steps=10, min_lr_frac=0.1, schedule="wsd", decay_frac=0.5)
     >>> [round(lr_factor(s, cfg), 3) for s in (0, 9, 10, 60, 85, 110)]
     [0.1, 1.0, 1.0, 1.0, 0.55, 0.1]
     >>> cosine = dataclasses.replace(cfg, schedule="cosine")

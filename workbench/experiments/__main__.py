@@ -105,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     s = sub.add_parser("sweep")
     s.add_argument("scenario")
+    s.add_argument(
+        "--rhos", default=None, help="comma list; 'none' = no pruning, 'e13' = e^-13 (default: the grid)"
+    )
     s = sub.add_parser("variants")
     s.add_argument("scenario")
     s = sub.add_parser("adaptive")
@@ -190,10 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "\n",
         )
     elif args.what == "sweep":
-        from workbench.experiments.sweep import rho_sweep
+        from workbench.experiments.sweep import SWEEP_RHOS, rho_sweep
+
+        def rho_of(text: str) -> float | None:
+            text = text.strip().lower()
+            return None if text == "none" else math.exp(-13) if text == "e13" else float(text)
 
         rho_sweep(
             args.scenario,
+            SWEEP_RHOS if args.rhos is None else [rho_of(x) for x in args.rhos.split(",")],
             seeds=seeds,
             steps=args.steps,
             quick=args.quick,

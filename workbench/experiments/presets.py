@@ -66,9 +66,12 @@ _MULTIADD: dict[str, Any] = {
     "task_kwargs": {"n_problems": 2, "digits": 2},
     "k": 4,
     "prompts_per_step": 16,
-    "lr": 5e-5,
+    # lr probe on the shipped policy (lessons/LOG.md, 02:00–02:10): 5e-5 learns nothing in 80 steps,
+    # 3e-4 damages every arm within 10 steps, 1e-4 lets the clean control and DVP learn.
+    "lr": 1e-4,
     "grad_clip": 1.0,
     "engine_dtype": "bf16",
+    "eval_every": 10,
 }
 
 #: Shared settings of each scenario (arms are applied on top).
@@ -106,7 +109,7 @@ LENGTHS: dict[str, RunLength] = {
     "clean": RunLength(100, 30),
     "bf16": RunLength(100, 30),
 }
-DEFAULT_LENGTH = RunLength(200, 40)
+DEFAULT_LENGTH = RunLength(150, 40)
 
 #: The headline comparison of the demo and the README.
 HEADLINE_SCENARIO = "floor"

@@ -40,6 +40,7 @@ __all__ = [
     "RunResult",
     "atomic_write_text",
     "load_results",
+    "merge_results",
     "resolve_model",
     "run_arms",
     "run_one",
@@ -320,6 +321,42 @@ def load_results(path: str | os.PathLike[str]) -> ArmResults:
         command=data.get("command", ""),
         overrides=data.get("overrides", {}),
         load_avg=_from_json_float(data.get("load_avg")),
+    )
+
+
+def merge_results(parts: Sequence[ArmResults]) -> ArmResults:
+    """One :class:`ArmResults` from several runs of the *same* scenario and arms (e.g. one process per seed).
+
+    Commands are joined with ``" && "``; the load average is the largest seen.
+    """
+    if not parts:
+        raise ValueError("parts is empty; pass at least one ArmResults")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.scenario, p.arms, p.steps, p.quick, p.reference, p.overrides) != (
+            first.scenario,
+            first.arms,
+            first.steps,
+            first.quick,
+            first.reference,
+            first.overrides,
+        ):
+            raise ValueError(
+                f"cannot merge results of {p.scenario}/{p.arms}/{p.steps} steps into "
+                f"{first.scenario}/{first.arms}/{first.steps} steps: scenario, arms, steps, reference and "
+                "overrides must match"
+            )
+    return ArmResults(
+        scenario=first.scenario,
+        arms=list(first.arms),
+        seeds=[s for p in parts for s in p.seeds],
+        steps=first.steps,
+        quick=first.quick,
+        runs=[r for p in parts for r in p.runs],
+        reference=first.reference,
+        command=" && ".join(p.command for p in parts),
+        overrides=dict(first.overrides),
+        load_avg=max((p.load_avg for p in parts if math.isfinite(p.load_avg)), default=math.nan),
     )
 
 
