@@ -161,7 +161,7 @@ def run_notebook_in_browser(notebook: Path, tmp_path: Path) -> dict[str, object]
                 prompts = _wait_until(
                     page, JS_PROMPTS,
                     lambda ps: bool(ps) and all(x.startswith("[") and x[1:-2].strip().isdigit() for x in ps),
-                    90, "every code cell to finish (a failing cell stops Run All)",
+                    240, "every code cell to finish (a failing cell stops Run All)",
                 )  # fmt: skip
                 seen["prompts"] = prompts
                 seen["buttons"] = page.locator(".widget-button").all_inner_texts()

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,19 @@ TINY = sft.SFTConfig(
     task="addition", task_kwargs={"digits": 1}, model=TINY_MODEL, steps=8, warmup_steps=2, lr=1e-2
 )
 
-# The shipped policies must be "competent but improvable" starts for RL: sampled accuracy (T = 1) in
-# this band, and a fresh seeded evaluation within SHIPPED_TOLERANCE of the recorded one (≈ 3 standard
+# The shipped policies must be competent starts for RL with room to improve: sampled accuracy (T = 1)
+# in this band, and a fresh seeded evaluation within SHIPPED_TOLERANCE of the recorded one (≈ 3 standard
 # errors of a 128-sample mean, plus the 256-sample error of the recorded value).
-SHIPPED_BAND = (0.3, 0.9)
+SHIPPED_BAND = (0.3, 0.95)
 SHIPPED_TOLERANCE = 0.15
 SHIPPED_MAX_BYTES = 3_500_000
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Evaluate on one intra-op thread, as sft does (two spin-wait on a loaded 2-core machine)."""
+    with sft.torch_threads(1):
+        yield
 
 
 @pytest.fixture
@@ -172,12 +180,27 @@ def test_short_run_learns_and_is_deterministic() -> None:
     assert again == losses  # same config, same run
 
 
+def test_training_uses_the_requested_threads_and_restores_them() -> None:
+    torch.set_num_threads(2)  # restored to 1, then to the session's count, by the one_thread fixture
+    seen: list[int] = []
+    sft.train_sft(TINY, progress=False, callback=lambda s, x: seen.append(torch.get_num_threads()), threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == 2
+    sft.train_sft(
+        TINY, progress=False, callback=lambda s, x: seen.append(torch.get_num_threads()), threads=None
+    )
+    assert set(seen[TINY.steps :]) == {2}
+    with pytest.raises(ValueError, match="threads=0"):
+        sft.train_sft(TINY, progress=False, threads=0)
+    assert torch.get_num_threads() == 2
+
+
 def test_cache_hits_on_second_call(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = sft.sft_policy(TINY, progress=False)
     assert first == cache / "sft" / TINY.digest()
     meta = models.policy_metadata(first)
     assert meta["digest"] == TINY.digest() and meta["config"] == TINY.to_dict()
     assert len(meta["loss_curve"]) >= 1 and 0.0 <= meta["sampled_accuracy"] <= 1.0
+    assert meta["torch_threads"] == sft.DEFAULT_THREADS
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("train_sft was called although the policy is cached")

@@ -1,36 +1,66 @@
 """A short supervised warm start, so RL begins from a competent (and realistically peaked) policy.
 
-``sft_policy(PRESETS["add2"])`` returns a model directory, training it only when no cached copy
-exists; ``load_policy`` it, or name it as the trainer's ``model``. The recipes in :data:`PRESETS`
-are also shipped as small pretrained policies under ``workbench/assets/policies`` (remake one with
-``workbench sft --preset NAME --out workbench/assets/policies``).
+``preset_policy("add2")`` gives the directory of a shipped policy (or, when the recipe has changed
+since it was shipped, a cached or freshly trained one); ``sft_policy(cfg)`` does the same for any
+:class:`SFTConfig`, cached by its digest. Load the result with ``workbench.models.load_policy`` or
+name it as the trainer's ``model``. Remake a shipped policy with
+``workbench sft --preset NAME --out workbench/assets/policies`` (``make policies`` remakes all).
+
+The shipped recipes (:data:`PRESETS`; measured 2026-11-22 on this 2-core machine, CPU seconds of
+one thread — the shared machine's wall time was 4–5× longer; accuracy of 256 responses at
+temperature 1 without min-p, i.e. what RL starts from; "tail" = teacher-forced completion positions):
+
+| preset | steps × 64 | CPU s | loss | sampled | greedy | ids with p < e⁻¹³·p_max | unused gap | unused mass |
+|---|---|---|---|---|---|---|---|---|
+| ``add2`` | 2000 | 95 | 0.18 | 0.59 | 0.77 | 99.0 % | 21.8 nats | 3e-4 |
+| ``multiadd`` | 1500 | 203 | 0.85 | 0.90 | 0.95 | 99.4 % | 19.9 nats | 1e-4 |
+| ``multiadd_smooth`` | 1500 | 248 | 1.02 | 0.69 | 0.79 | 32 % | 12.7 nats | 1e-2 |
+
+("unused gap": median over positions and ``<unused_i>`` ids of ``max logit − logit``; "unused
+mass": their total probability per position; :func:`tail_stats`.) Each policy is 0.37 M parameters,
+1.6 MB on disk in fp32. ``multiadd``'s loss floor is high because the posed operands are random.
 
 How it departs from a plain SFT loop (MEASUREMENTS.md: a 5 M-parameter model took ~9 min here):
 
-1. **A small model.** On 2 CPU cores a step is compute-bound: it costs about
-   ``6 × (body parameters + hidden × vocab) FLOPs`` per trained token, and the tied 4,096-id
-   embedding already holds most of the parameters. The presets use the default
-   :class:`~workbench.models.TinyModelConfig` width, which learns 2-digit addition about as fast
-   per example as a 2–4× wider one.
+1. **A small model, one thread.** A step is compute-bound: about ``6 × (body parameters +
+   hidden × vocab)`` FLOPs per trained token, and the tied 4,096-id embedding holds most of the
+   parameters. The default :class:`~workbench.models.TinyModelConfig` (hidden 64, 2 layers) learned
+   2-digit addition as fast per example as hidden 128 with 2 or 3 layers, at 40 vs 70–95 ms a step.
+   Training runs on one intra-op thread (:data:`DEFAULT_THREADS`): two spin-wait on a shared machine.
 2. **Logits only where the loss is.** The decoder runs on the whole sequence but the lm_head (the
-   ``hidden × vocab`` matmul and the 4,096-way softmax, the bulk of the cost) runs only on the
-   completion positions (:func:`sft_loss`; :func:`sft_loss_reference` is the plain version it is
-   tested against). The prompt is random digits: nothing to learn there.
+   ``hidden × vocab`` matmul and the 4,096-way softmax) runs only on the completion positions
+   (:func:`sft_loss`; :func:`sft_loss_reference` is the plain version it is tested against). The
+   prompt is random digits: nothing to learn there.
 3. **No padding work.** Sequences are right-padded with no attention mask: a causal model's real
    tokens never attend to the later pads, and their positions ``0, 1, …`` are the ones the engines
    give left-padded prompts (``cumsum(attention_mask) − 1``). Packing would need block-diagonal
-   masks for < 30 % padding, so there is none.
-4. **A schedule tuned for the toy**: AdamW at a high peak rate after a linear warm-up, cosine decay.
+   masks to save < 30 % padding, so there is none.
+4. **A schedule tuned for the toy**: AdamW (β₂ = 0.98) at a peak rate of 3e-3 after 50 warm-up
+   steps, cosine decay to 5 %. Learning is a sudden drop of the loss (``multiadd``: sampled accuracy
+   0.17 at step 500, 0.80 at step 1000), and a schedule must still be at a high rate when it comes.
 5. **Caching by recipe hash** (:meth:`SFTConfig.digest`, which also covers :data:`SFT_CODE_VERSION`)
    and shipped policies, so notebooks and tests start in seconds.
 
+What did not help (kept so nobody tries again; same machine, sampled accuracy at T = 1):
+
+- Peak rate 1e-2 (hidden 128): stalled at loss 1.47 after 600 steps. 6e-3 helped ``add2`` with a
+  cosine (0.43 at step 1000 vs 0.15) but not with a held rate ("wsd", 1200 steps: 0.23).
+- Shorter ``multiadd`` runs: a cosine over 800 or 1100 steps ends before the drop (0.13, 0.10);
+  "wsd" at 6e-3 over 800 steps: 0.09. Starting ``multiadd`` from the ``add2`` policy at 3e-3
+  unlearned the addition (0.07 after 400 steps).
+- bf16 autocast (the CPU has AMX): no faster, the tiny ops are overhead-bound. Larger batches cost
+  proportionally more per step beyond 64 sequences.
+- Label smoothing 0.1 (the textbook value): every id inside the e⁻¹³ safe set, 10 % of each
+  position's mass on unused ids, sampled accuracy 0.08. Hence ε = 0.01 for ``multiadd_smooth``: the
+  unused ids sit ≈ 13 nats down, straddling the min-p threshold, 1 % tail mass per token.
+
 The vocabulary stays at 4,096 ids: the never-trained ``<unused_i>`` ids are the *tail* the research
-is about (THEORY.md). :func:`tail_stats` measures how far below the top logit they sit;
-``label_smoothing > 0`` (preset ``multiadd_smooth``) leaves a heavier tail.
+is about (THEORY.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +68,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +92,11 @@ SCHEDULES: tuple[str, ...] = ("wsd", "cosine")
 """Learning-rate shapes after the warm-up (:func:`lr_factor`)."""
 IGNORE_INDEX: int = -100
 """Label of positions that carry no loss (prompt and padding), as in ``F.cross_entropy``."""
+DEFAULT_THREADS: int | None = 1
+"""Intra-op threads while training and evaluating (restored afterwards; ``None`` leaves torch's
+setting). One thread: the ops of a tiny model are too small to split, and on a shared 2-core machine
+two OpenMP threads spin-wait for each other — measured here under load: 1.6 s vs 0.12 s per ``add2``
+step. Fixing the count also fixes the float reduction order, so a recipe reproduces bit for bit."""
 
 
 def _check(name: str, value: Any, ok: bool, allowed: str, fix: str) -> None:
@@ -100,7 +135,7 @@ class SFTConfig:
     lr: float = 3e-3
     """Peak AdamW learning rate (tiny models tolerate a high one; 1e-2 stalls them)."""
     warmup_steps: int = 50
-    """Linear warm-up steps before the cosine decay (at least ``steps``: the rate only ramps up, so
+    """Linear warm-up steps before the decay (a warm-up of ``steps`` or more only ramps up, so
     ``dataclasses.replace(preset, steps=3)`` stays a valid smoke test)."""
     schedule: str = "cosine"
     """After the warm-up: ``"cosine"`` decay, or ``"wsd"`` (warmup-stable-decay: hold the peak rate,
@@ -316,11 +351,37 @@ def lr_factor(step: int, cfg: SFTConfig) -> float:
     return 1.0 - (1.0 - cfg.min_lr_frac) * (progress - start) / cfg.decay_frac
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, then restore the previous count.
+
+    Args:
+        n: intra-op threads (>= 1), or ``None`` to leave the setting alone.
+
+    >>> before = torch.get_num_threads()
+    >>> with torch_threads(1):
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    if n is not None and (not _is_int(n) or n < 1):
+        raise ValueError(f"threads={n!r} must be an integer >= 1, or None to keep torch's setting")
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_sft(
     cfg: SFTConfig,
     *,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    threads: int | None = DEFAULT_THREADS,
 ) -> tuple[torch.nn.Module, Any, list[float]]:
     """Train a tiny policy from scratch on ``cfg.task``'s ideal completions.
 
@@ -331,11 +392,19 @@ def train_sft(
         cfg: the recipe.
         progress: show a tqdm bar.
         callback: called as ``callback(step, loss)`` after every step.
+        threads: intra-op threads while training (:data:`DEFAULT_THREADS`; ``None``: unchanged).
 
     Returns:
         ``(model, tokenizer, losses)``: the model in eval mode (fp32), its tokenizer, the loss of
         every step.
     """
+    with torch_threads(threads):
+        return _train(cfg, progress, callback)
+
+
+def _train(
+    cfg: SFTConfig, progress: bool, callback: Callable[[int, float], None] | None
+) -> tuple[torch.nn.Module, Any, list[float]]:
     rng = random.Random(cfg.seed)
     task = cfg.make_task()
     tokenizer = models.build_tokenizer(cfg.model.vocab_size)
@@ -516,6 +585,7 @@ def sft_policy(
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     force: bool = False,
+    threads: int | None = DEFAULT_THREADS,
 ) -> Path:
     """Return a directory holding the policy trained by ``cfg``, training it only when not cached.
 
@@ -530,6 +600,7 @@ def sft_policy(
         out_dir: where to put the policy instead of the cache.
         progress: show a progress bar while training.
         force: retrain even when a matching directory exists.
+        threads: intra-op threads while training and evaluating (:data:`DEFAULT_THREADS`).
 
     Returns:
         The policy directory.
@@ -539,32 +610,33 @@ def sft_policy(
     if not force and (target / "config.json").is_file():
         if models.policy_metadata(target).get("digest") == digest:
             return target
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    model, tokenizer, losses = train_sft(cfg, progress=progress)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    task = cfg.make_task()
-    name = preset_name(cfg)
-    tail = 20 if len(losses) >= 20 else len(losses)
-    meta = {
-        "digest": digest,
-        "preset": name,
-        "config": cfg.to_dict(),
-        "code_version": SFT_CODE_VERSION,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss": sum(losses[-tail:]) / tail,
-        "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 100)]],
-        "sampled_accuracy": sampled_accuracy(model, tokenizer, task),
-        "greedy_accuracy": greedy_accuracy(model, tokenizer, task),
-        "eval": {"n": EVAL_SAMPLES, "seed": EVAL_SEED, "temperature": 1.0, "rho": None},
-        "tail": tail_stats(model, tokenizer, task),
-        "train_seconds": round(wall, 1),
-        "train_cpu_seconds": round(cpu, 1),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
-        "remake": REMAKE_COMMAND.format(name=name)
-        if name
-        else "workbench sft --config FILE (FILE = this metadata's 'config' as JSON)",
-    }
+    with torch_threads(threads):  # training and evaluation alike
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        model, tokenizer, losses = train_sft(cfg, progress=progress, threads=None)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        task = cfg.make_task()
+        name = preset_name(cfg)
+        tail = 20 if len(losses) >= 20 else len(losses)
+        meta = {
+            "digest": digest,
+            "preset": name,
+            "config": cfg.to_dict(),
+            "code_version": SFT_CODE_VERSION,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss": sum(losses[-tail:]) / tail,
+            "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 100)]],
+            "sampled_accuracy": sampled_accuracy(model, tokenizer, task),
+            "greedy_accuracy": greedy_accuracy(model, tokenizer, task),
+            "eval": {"n": EVAL_SAMPLES, "seed": EVAL_SEED, "temperature": 1.0, "rho": None},
+            "tail": tail_stats(model, tokenizer, task),
+            "train_seconds": round(wall, 1),
+            "train_cpu_seconds": round(cpu, 1),
+            "torch_threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+            "remake": REMAKE_COMMAND.format(name=name)
+            if name
+            else "workbench sft --config FILE (FILE = this metadata's 'config' as JSON)",
+        }
     models.save_policy(model, tokenizer, target, metadata=meta)
     return target
 

@@ -64,7 +64,8 @@ def _gen(seed: int) -> torch.Generator:
 
 def _show(x: torch.Tensor) -> str:
     if x.numel() <= 12:
-        return "[" + ", ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in x.flatten().tolist()) + "]"
+        items = (f"{v:.6g}" if isinstance(v, float) else str(v) for v in x.flatten().tolist())
+        return "[" + ", ".join(items) + "]"
     return f"tensor of shape {tuple(x.shape)}"
 
 

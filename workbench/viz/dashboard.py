@@ -186,8 +186,8 @@ class LiveTrainingDashboard:
 
     Args:
         base: shared settings of every arm (see :func:`dashboard_configs`).
-        perturbation: initial engine perturbation spec (a key of :data:`PERTURBATION_CHOICES`'s values,
-            or any spec :func:`workbench.engines.make_perturbation` accepts).
+        perturbation: initial engine perturbation spec: one of the specs in :data:`PERTURBATION_CHOICES`
+            or any other spec :func:`workbench.engines.make_perturbation` accepts (added to the menu).
         rho: initial ρ of the pruning arms.
         is_mode: initial IS correction of the ``dvp_mis`` arm.
         steps: steps per arm that one Run click (or :meth:`run_headless` without argument) trains.
