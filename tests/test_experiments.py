@@ -244,16 +244,19 @@ CLAIM_SEED = 0
 @pytest.mark.slow
 def test_quick_headline_shows_the_tail_mechanism_and_dvp_mis_stays_stable() -> None:
     # At this scale the search found no collapse (README, lessons/LOG.md): the claim tested here is the
-    # mechanism — naive RLOO samples the tail and carries the larger mismatch, DVP + MIS does neither and
-    # stays stable by the collapse criterion. The criterion itself is tested on constructed series above.
+    # mechanism — naive RLOO trains on the tail draws and carries the larger mismatch, DVP + MIS masks them
+    # and stays stable by the collapse criterion. The criterion itself is tested on constructed series above.
     from workbench.experiments import HEADLINE_SCENARIO, SCENARIOS, run_arms
 
     _shipped(SCENARIOS[HEADLINE_SCENARIO]["model"])
     res = run_arms(HEADLINE_SCENARIO, ["naive", "dvp_mis"], seeds=[CLAIM_SEED], quick=True, progress=False)
     naive, dvp = res.run("naive", CLAIM_SEED), res.run("dvp_mis", CLAIM_SEED)
     assert dvp.verdict["label"] == "stable", dvp.verdict
-    naive_tail, dvp_tail = sum(naive.series("mismatch/tail_tokens")), sum(dvp.series("mismatch/tail_tokens"))
-    assert naive_tail > 0 and dvp_tail <= 0.05 * naive_tail, (naive_tail, dvp_tail)
+    # The engine's floor puts tail tokens in both arms' rollouts; naive trains on them, DVP masks them out.
+    assert sum(naive.series("mismatch/tail_tokens")) > 0
+    naive_k1 = sum(abs(v) for v in naive.series("mismatch/k1")) / len(naive.series("mismatch/k1"))
+    dvp_k1 = sum(abs(v) for v in dvp.series("mismatch/k1")) / len(dvp.series("mismatch/k1"))
+    assert naive_k1 > 3 * dvp_k1, (naive_k1, dvp_k1)
 
 
 @pytest.mark.slow
