@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # ~1-2 min: starts JupyterLab and a browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_live_training.ipynb"
@@ -178,9 +178,8 @@ def run_notebook_in_browser(notebook: Path, tmp_path: Path) -> dict[str, object]
                 steps_box.locator("input").press("Enter")
                 page.locator(".widget-button", has_text="Run").first.click()
                 n0 = int(seen["points_after_run_all"])  # type: ignore[call-overload]
-                n1 = _wait_until(page, JS_POINTS, lambda n: n > n0, 45, "a new point after clicking Run")
                 seen["points_after_click"] = _wait_until(
-                    page, JS_POINTS, lambda n: n > n1, 45, "the live figure to keep growing"
+                    page, JS_POINTS, lambda n: n > n0, 60, "a new point in the live figure after clicking Run"
                 )
                 seen["t_live"] = time.monotonic() - t0
                 page.locator(".widget-button", has_text="Stop").first.click()
@@ -206,6 +205,7 @@ def test_notebook_06_dashboard_renders_and_updates_live_in_chromium(tmp_path: Pa
     if reason is not None:
         pytest.skip(reason)
     seen = run_notebook_in_browser(NOTEBOOK, tmp_path)
+    print({k: v for k, v in seen.items() if k.startswith("t_")})  # phase timings, shown with -s or on failure
     buttons = seen["buttons"]
     assert any("Run" in b for b in buttons) and any("Stop" in b for b in buttons), buttons  # type: ignore[union-attr]
     assert int(seen["dropdowns"]) >= 2 and int(seen["sliders"]) >= 1, seen  # type: ignore[call-overload]

@@ -20,11 +20,23 @@ __all__ = ["DemoReport", "format_table", "run_demo"]
 
 
 def format_table(results: ArmResults) -> str:
-    """Terminal table: arm, seed, reward first→last, k3 max, grad-norm max, tail draws, verdict.
+    """Terminal table: arm, seed, reward first→last, k3 max, grad-norm max, tail draws, verdicts.
 
-    "first" and "last" are the mean sampled reward over the verdict's start and final windows.
+    "reward first→last" is the mean *sampled* reward over the verdict's start and final windows; "eval
+    first→last" the clean-engine reward (first measurement → mean over the last quarter), ``nan`` when the
+    run did not measure it. "verdict" judges the sampled reward, "verdict (eval)" the clean one.
     """
-    header = ("arm", "seed", "reward first→last", "k3 max", "grad-norm max", "tail draws", "verdict")
+    header = (
+        "arm",
+        "seed",
+        "reward first→last",
+        "eval first→last",
+        "k3 max",
+        "grad-norm max",
+        "tail draws",
+        "verdict",
+        "verdict (eval)",
+    )
     lines = []
     for row in results.summary_rows():
         lines.append(
@@ -32,10 +44,12 @@ def format_table(results: ArmResults) -> str:
                 row["arm"],
                 str(row["seed"]),
                 f"{row['reward_start']:.3f} → {row['reward_final']:.3f}",
+                f"{row['eval_first']:.3f} → {row['eval_final']:.3f}",
                 f"{row['k3_max']:.2e}",
                 f"{row['grad_norm_max']:.2f}",
                 f"{row['tail_draws']:.0f}",
                 row["verdict"],
+                row["verdict_eval"] or "—",
             )
         )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -67,11 +81,21 @@ class DemoReport:
             f"{scen.get('perturbation') or 'no perturbation'}), {r.steps} steps, "
             f"seeds {r.seeds}{' (QUICK)' if r.quick else ''}"
         )
-        counts = r.counts()
-        verdicts = "; ".join(
-            f"{arm}: " + ", ".join(f"{n} {label}" for label, n in c.items() if n) for arm, c in counts.items()
+
+        def line(which: str) -> str:
+            return "; ".join(
+                f"{arm}: " + ", ".join(f"{n} {label}" for label, n in c.items() if n)
+                for arm, c in r.counts(which).items()
+            )
+
+        return "\n".join(
+            [
+                head,
+                format_table(r),
+                f"verdicts (sampled reward) — {line('verdict')}",
+                f"verdicts (clean-engine eval reward) — {line('verdict_eval')}",
+            ]
         )
-        return "\n".join([head, format_table(r), f"verdicts — {verdicts}"])
 
 
 def run_demo(steps: int | None, seed: int, out_dir: Path, quick: bool) -> DemoReport:

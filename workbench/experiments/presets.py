@@ -113,6 +113,9 @@ class RunLength:
 LENGTHS: dict[str, RunLength] = {
     "clean": RunLength(100, 30),
     "bf16": RunLength(100, 30),
+    # 150 steps: the clean-eval degradation of naive crosses the 0.10 criterion on 3/3 seeds; at the QUICK
+    # 60 steps on 2/3 (seeds 0 and 2), with naive below DVP + MIS on 3/3 (results/headline_floor12).
+    "floor12": RunLength(150, 60),
 }
 DEFAULT_LENGTH = RunLength(150, 40)
 

@@ -18,6 +18,7 @@ across arms). The verdict of every run comes from :mod:`workbench.experiments.co
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -39,8 +40,10 @@ __all__ = [
     "ArmResults",
     "RunResult",
     "atomic_write_text",
+    "judge",
     "load_results",
     "merge_results",
+    "rejudge",
     "resolve_model",
     "run_arms",
     "run_one",
@@ -122,7 +125,9 @@ class RunResult:
     seconds: float
     """Wall-clock seconds of the run (load average dependent: see ``ArmResults.load_avg``)."""
     verdict: dict[str, Any] | None = None
-    """:meth:`Verdict.to_dict` against the reference arm on the same seed."""
+    """:meth:`Verdict.to_dict` of the sampled reward (``reward/mean``) against the same-seed reference."""
+    verdict_eval: dict[str, Any] | None = None
+    """The same verdict on the clean-engine reward (``eval/reward``), when the run measured it."""
 
     @property
     def name(self) -> str:
@@ -143,6 +148,7 @@ class RunResult:
             "config": self.config,
             "seconds": self.seconds,
             "verdict": self.verdict,
+            "verdict_eval": self.verdict_eval,
             "history": [{k: _json_float(v) for k, v in r.items()} for r in hist],
         }
 
@@ -186,12 +192,13 @@ class ArmResults:
         wanted = set(arms) if arms is not None else None
         return {r.name: r.history for r in self.runs if wanted is None or r.arm in wanted}
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Per arm, how many seeds ended in each verdict label."""
+    def counts(self, which: str = "verdict") -> dict[str, dict[str, int]]:
+        """Per arm, how many seeds ended in each verdict label (``which``: ``verdict`` or ``verdict_eval``)."""
         out: dict[str, dict[str, int]] = {a: {"collapse": 0, "degraded": 0, "stable": 0} for a in self.arms}
         for r in self.runs:
-            if r.verdict is not None:
-                out[r.arm][r.verdict["label"]] += 1
+            v = getattr(r, which)
+            if v is not None:
+                out[r.arm][v["label"]] += 1
         return out
 
     def summary_rows(self) -> list[dict[str, Any]]:
@@ -217,6 +224,7 @@ class ArmResults:
                     "tail_draws": _nansum(r.series("mismatch/tail_tokens")),
                     "boundary_tokens": _nansum(r.series("dvp/boundary_tokens")),
                     "verdict": v.get("label", ""),
+                    "verdict_eval": (r.verdict_eval or {}).get("label", ""),
                     "seconds": round(r.seconds, 1),
                 }
             )
@@ -232,6 +240,7 @@ class ArmResults:
                 "final_mean": statistics.fmean(finals) if finals else math.nan,
                 "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 **{k: float(v) for k, v in self.counts()[arm].items()},
+                **{f"eval_{k}": float(v) for k, v in self.counts("verdict_eval")[arm].items()},
             }
         return out
 
@@ -307,6 +316,7 @@ def load_results(path: str | os.PathLike[str]) -> ArmResults:
             history=[{k: _from_json_float(v) for k, v in row.items()} for row in r["history"]],
             seconds=float(r["seconds"]),
             verdict=r.get("verdict"),
+            verdict_eval=r.get("verdict_eval"),
         )
         for r in data["runs"]
     ]
@@ -465,11 +475,33 @@ def run_arms(
         run = run_one(scenario, arm, seed, n, overrides=overrides, progress=progress)
         res.runs.append(run)
         ref_rows = res.run(reference, seed).history if reference is not None and arm != reference else None
-        run.verdict = criterion.classify(run.history, ref_rows).to_dict()
+        judge(run, ref_rows, criterion)
         res.load_avg = os.getloadavg()[0]
         if out_dir is not None:
             res.save(out_dir)
     return res
+
+
+def judge(
+    run: RunResult, reference: Sequence[Mapping[str, float]] | None, criterion: CollapseCriterion
+) -> None:
+    """Set ``run.verdict`` (sampled reward) and, when the run has clean-eval rewards, ``run.verdict_eval``."""
+    run.verdict = criterion.classify(run.history, reference).to_dict()
+    if any(math.isfinite(x) for x in run.series("eval/reward")):
+        on_eval = dataclasses.replace(criterion, reward_key="eval/reward")
+        run.verdict_eval = on_eval.classify(run.history, reference).to_dict()
+
+
+def rejudge(results: ArmResults, criterion: CollapseCriterion = DEFAULT_CRITERION) -> ArmResults:
+    """Recompute every verdict of ``results`` in place (e.g. after loading older files); returns it."""
+    for run in results.runs:
+        ref = (
+            results.run(results.reference, run.seed).history
+            if results.reference is not None and run.arm != results.reference
+            else None
+        )
+        judge(run, ref, criterion)
+    return results
 
 
 def verdict_of(run: RunResult) -> Verdict | None:

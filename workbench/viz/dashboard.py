@@ -82,7 +82,8 @@ PERTURBATION_CHOICES: dict[str, str] = {
     "4-bit KV cache": "kvquant:4",
     "tail inflation ×2": "tail:2.0",
     "tail inflation ×4": "tail:4.0",
-    "probability floor e^-13.5": "floor:13.5",
+    "probability floor e^-13.5 (just outside the e^-13 safe set)": "floor:13.5",
+    "probability floor e^-12 (inside the e^-13 safe set)": "floor:12",
 }
 
 Row = dict[str, float]

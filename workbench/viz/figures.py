@@ -46,7 +46,8 @@ def training_figure(
     """Small multiples of ``panels`` with one coloured line per run.
 
     Args:
-        runs: ``{run name: [metrics dict per step, …]}``; missing keys are skipped (drawn as gaps).
+        runs: ``{run name: [metrics dict per step, …]}``; a missing key or a nan value is skipped and the
+            line bridges it (so a metric logged every 10 steps, such as ``eval/reward``, still draws a line).
         panels: ``(key, title, log_y)`` triples, laid out three per row.
         title: figure title.
         widget: return a ``go.FigureWidget`` (live updates in Jupyter) instead of a ``go.Figure``.
@@ -75,6 +76,7 @@ def training_figure(
                     name=name,
                     legendgroup=name,
                     showlegend=j == 0,
+                    connectgaps=True,
                     line={"color": color, "width": 1.8},
                 ),
                 row=j // cols + 1,
