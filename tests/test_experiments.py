@@ -241,22 +241,59 @@ def _shipped(name: str) -> None:
 CLAIM_SEED = 0
 
 
+@pytest.fixture
+def one_thread():
+    """Pin torch to one thread, as the headline runs were: the thread count changes reduction order, which a
+    60-step RL run amplifies into a different (equally valid) trajectory."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_quick_headline_shows_the_tail_mechanism_and_dvp_mis_stays_stable() -> None:
-    # At this scale the search found no collapse (README, lessons/LOG.md): the claim tested here is the
-    # mechanism — naive RLOO trains on the tail draws and carries the larger mismatch, DVP + MIS masks them
-    # and stays stable by the collapse criterion. The criterion itself is tested on constructed series above.
+def test_quick_headline_naive_degrades_and_dvp_mis_stays_stable(one_thread) -> None:
+    # At this scale there is no collapse (results/README.md, lessons/LOG.md). The QUICK claims: naive RLOO's
+    # *policy* degrades (clean-engine eval reward falls) while DVP + MIS's improves and is judged stable, and
+    # the mechanism — naive trains on the floored tail draws, pushes them further down, and its mismatch grows.
+    # The criterion's 0.10 degradation threshold is crossed only at the full 150 steps
+    # (test_saved_headline_matches_the_claims); the criterion itself is tested on constructed series above.
     from workbench.experiments import HEADLINE_SCENARIO, SCENARIOS, run_arms
 
     _shipped(SCENARIOS[HEADLINE_SCENARIO]["model"])
     res = run_arms(HEADLINE_SCENARIO, ["naive", "dvp_mis"], seeds=[CLAIM_SEED], quick=True, progress=False)
     naive, dvp = res.run("naive", CLAIM_SEED), res.run("dvp_mis", CLAIM_SEED)
-    assert dvp.verdict["label"] == "stable", dvp.verdict
-    # The engine's floor puts tail tokens in both arms' rollouts; naive trains on them, DVP masks them out.
-    assert sum(naive.series("mismatch/tail_tokens")) > 0
-    naive_k1 = sum(abs(v) for v in naive.series("mismatch/k1")) / len(naive.series("mismatch/k1"))
-    dvp_k1 = sum(abs(v) for v in dvp.series("mismatch/k1")) / len(dvp.series("mismatch/k1"))
-    assert naive_k1 > 3 * dvp_k1, (naive_k1, dvp_k1)
+    assert dvp.verdict["label"] == "stable" and dvp.verdict_eval["label"] == "stable", (
+        dvp.verdict,
+        dvp.verdict_eval,
+    )
+    assert naive.verdict["label"] != "collapse" and naive.verdict_eval["label"] != "collapse"
+    ev_n = [x for x in naive.series("eval/reward") if math.isfinite(x)]
+    ev_d = [x for x in dvp.series("eval/reward") if math.isfinite(x)]
+    assert ev_n[-1] < ev_n[0] and ev_d[-1] > ev_d[0], (ev_n, ev_d)
+    assert sum(ev_d[-2:]) / 2 - sum(ev_n[-2:]) / 2 >= 0.04, (ev_n, ev_d)
+    # Both engines sample the floored ids (floor 12 < 13 nats); naive trains on them, DVP + MIS masks them.
+    assert sum(naive.series("mismatch/tail_tokens")) > 0 and sum(dvp.series("dvp/boundary_tokens")) > 0
+    k1 = naive.series("mismatch/k1")
+    assert sum(k1[-10:]) > 1.5 * sum(k1[:10]) > 0  # ≈ 2× over 60 steps on seed 0
+    tail_lp = [x for x in naive.series("mismatch/tail_logp_mean") if math.isfinite(x)]
+    assert sum(tail_lp[-10:]) / 10 < sum(tail_lp[:10]) / 10 - 2.0  # pushed down by negative advantages
+    assert abs(sum(dvp.series("mismatch/k1")[-10:]) / 10) < 0.05
+
+
+def test_saved_headline_matches_the_claims() -> None:
+    # results/README.md quotes this file; this keeps the two honest.
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "results" / "headline_floor12" / "results.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present (python -m workbench.experiments arms floor12 ... writes it)")
+    res = load_results(path)
+    assert len(res.seeds) >= 3 and res.steps == presets.run_length("floor12")
+    on_eval = res.counts("verdict_eval")
+    assert on_eval["naive"]["degraded"] + on_eval["naive"]["collapse"] >= 2
+    assert on_eval["dvp_mis"]["stable"] == len(res.seeds)
+    assert all(c["collapse"] == 0 for c in res.counts().values())  # never called a collapse
 
 
 @pytest.mark.slow

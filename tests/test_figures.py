@@ -128,6 +128,7 @@ def test_training_figure_update_roundtrip() -> None:
     runs = {"a": [{"step": 1.0, "reward/mean": 0.5}], "b": []}
     fig = training_figure(runs, widget=False)
     assert isinstance(fig, go.Figure) and len(fig.data) == 2 * 6
+    assert all(t.connectgaps for t in fig.data)  # sparse metrics (eval every 10 steps) still draw lines
     runs["b"] = [{"step": 1.0, "reward/mean": 0.1}, {"step": 2.0, "reward/mean": 0.2}]
     update_training_figure(fig, runs)
     assert list(fig.data[6].y) == [0.1, 0.2] and list(fig.data[7].y) == [None, None]  # missing key → gaps

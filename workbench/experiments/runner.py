@@ -69,6 +69,7 @@ KEPT_KEYS: tuple[str, ...] = (
     "mismatch/chi2_seq",
     "dvp/boundary_tokens",
     "dvp/one_minus_z_mean",
+    "dvp/log_rho_mean",
     "dvp/one_minus_z_max",
     "dvp/entropy_mean",
     "dvp/logp_mean",
