@@ -17,8 +17,10 @@ from workbench.experiments.runner import RunResult
 from workbench.experiments.signature import Signature
 from workbench.experiments.sweep import SweepResults, rho_label
 from workbench.viz.figures import (
+    EXPERIMENT_PANELS,
     overlap_figure,
     prop55_figure,
+    save_figure,
     signature_figure,
     sweep_figure,
     training_figure,
@@ -132,3 +134,50 @@ def test_training_figure_update_roundtrip() -> None:
     runs["b"] = [{"step": 1.0, "reward/mean": 0.1}, {"step": 2.0, "reward/mean": 0.2}]
     update_training_figure(fig, runs)
     assert list(fig.data[6].y) == [0.1, 0.2] and list(fig.data[7].y) == [None, None]  # missing key → gaps
+
+
+def test_training_figure_groups_share_a_colour_and_one_legend_entry() -> None:
+    runs = {"naive/s0": [], "naive/s1": [], "dvp_mis/s0": []}
+    groups = {"naive/s0": "naive", "naive/s1": "naive", "dvp_mis/s0": "dvp_mis"}
+    fig = training_figure(runs, EXPERIMENT_PANELS, groups=groups)
+    n = len(EXPERIMENT_PANELS)
+    naive0, naive1, dvp = fig.data[0], fig.data[n], fig.data[2 * n]
+    assert naive0.line.color == naive1.line.color != dvp.line.color
+    assert naive0.name == naive1.name == "naive" and dvp.name == "dvp_mis"
+    assert [t.name for t in fig.data if t.showlegend] == ["naive", "dvp_mis"]
+
+
+def test_save_figure_writes_html_atomically_and_rejects_unknown_suffixes(tmp_path) -> None:
+    fig = training_figure({"a": [{"step": 1.0, "reward/mean": 0.5}]})
+    out = save_figure(fig, tmp_path / "sub" / "r.html")
+    assert out.read_text().rstrip().endswith("</html>") and list(out.parent.iterdir()) == [
+        out
+    ]  # no temp left
+    with pytest.raises(ValueError, match=r"\.html or one of"):
+        save_figure(fig, tmp_path / "r.txt")
+
+
+def test_report_command_plots_an_experiment_results_file_one_colour_per_arm(tmp_path) -> None:
+    from workbench.cli import main
+    from workbench.experiments.runner import ArmResults
+
+    res = ArmResults(
+        "floor", ["dvp_mis"], [0, 1], 8, True, runs=[_run(None, 0, 0.5, 0.1), _run(None, 1, 0.6, 0.2)]
+    )
+    res.save(tmp_path / "exp")
+    assert main(["report", str(tmp_path / "exp" / "results.json"), "--out", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "clean-engine eval reward" in html and "seeds [0, 1]" in html
+    assert main(["report", str(tmp_path / "exp" / "results.json"), "--out", str(tmp_path / "r.txt")]) == 2
+
+
+def test_save_figure_exports_an_svg_through_kaleido(tmp_path) -> None:
+    import shutil
+
+    pytest.importorskip("kaleido", reason="static export needs kaleido (pip install -e '.[browser]')")
+    if not any(shutil.which(b) for b in ("chromium", "google-chrome", "chrome")):
+        pytest.skip("kaleido needs a Chrome/Chromium binary (Debian: apt-get install chromium)")
+    fig = training_figure({"naive/s0": [{"step": 1.0, "eval/reward": 0.9}]}, EXPERIMENT_PANELS, title="t")
+    out = save_figure(fig, tmp_path / "h.svg")
+    svg = out.read_text()
+    assert svg.startswith("<svg") and 'width="1100"' in svg and "clean-engine eval reward" in svg

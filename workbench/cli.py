@@ -6,6 +6,7 @@ Examples::
     workbench train --preset bf16/dvp_mis --steps 50 --run-dir runs/a
     workbench train --config runs/a/config.json --run-dir runs/a --resume --steps 50
     workbench report runs/a runs/b --out report.html
+    workbench report results/headline_floor12/results.json --out headline.svg   # needs kaleido
     workbench demo --steps 60
 """
 
@@ -106,11 +107,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from workbench.trainer import read_metrics
-    from workbench.viz import save_html, training_figure
+    from workbench.viz import EXPERIMENT_PANELS, save_figure, training_figure
 
-    runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
-    fig = training_figure(runs, title="DVP Workbench report: " + ", ".join(runs))
-    out = save_html(fig, args.out)
+    if len(args.runs) == 1 and Path(args.runs[0]).is_file():
+        # An experiment's results.json: every arm × seed, one colour per arm, the verdict panels first.
+        from workbench.experiments import load_results
+
+        res = load_results(args.runs[0])
+        groups = {r.name: r.arm for r in res.runs}
+        title = f"{res.scenario}: {', '.join(res.arms)} — seeds {res.seeds}, {res.steps} steps"
+        fig = training_figure(res.histories(), EXPERIMENT_PANELS, title=title, groups=groups)
+    else:
+        runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
+        fig = training_figure(runs, title="DVP Workbench report: " + ", ".join(runs))
+    try:
+        out = save_figure(fig, args.out)
+    except (ImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
@@ -180,9 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="override the recipe's step count")
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("report", help="plot one or more run directories into an HTML report")
-    p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
-    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p = sub.add_parser(
+        "report", help="plot run directories, or an experiment's results.json, into an HTML or SVG report"
+    )
+    p.add_argument(
+        "runs", nargs="+", help="run directories holding metrics.jsonl, or one results.json of an experiment"
+    )
+    p.add_argument(
+        "--out",
+        default="report.html",
+        help="file to write: .html (default report.html), or .svg/.png/.pdf (needs pip install kaleido)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

@@ -33,6 +33,16 @@ TRAINING_PANELS: tuple[tuple[str, str, bool], ...] = (
     ("mismatch/tail_tokens", "tail draws per step", False),
     ("is/token_ess", "IS effective sample size (π/μ)", False),
 )
+#: Panels of an experiment (``results.json`` of ``python -m workbench.experiments arms``): the clean-engine
+#: reward the verdicts use first, then the mechanism (tail draws, their trainer log-prob, the mismatch).
+EXPERIMENT_PANELS: tuple[tuple[str, str, bool], ...] = (
+    ("eval/reward", "clean-engine eval reward", False),
+    ("reward/mean", "sampled reward", False),
+    ("mismatch/k1", "k1 (trainer ‖ engine)", False),
+    ("mismatch/tail_tokens", "tail draws per step", False),
+    ("mismatch/tail_logp_mean", "trainer log π of tail draws", False),
+    ("optim/grad_norm", "grad norm (pre-clip)", True),
+)
 _COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -42,6 +52,7 @@ def training_figure(
     *,
     title: str = "",
     widget: bool = False,
+    groups: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """Small multiples of ``panels`` with one coloured line per run.
 
@@ -51,6 +62,8 @@ def training_figure(
         panels: ``(key, title, log_y)`` triples, laid out three per row.
         title: figure title.
         widget: return a ``go.FigureWidget`` (live updates in Jupyter) instead of a ``go.Figure``.
+        groups: ``{run name: group}`` — runs of one group (an arm over several seeds) share a colour and one
+            legend entry named after the group; runs not listed are their own group.
 
     Returns:
         A figure whose trace ``i * len(panels) + j`` is run ``i`` in panel ``j`` (see :func:`update_training_figure`).
@@ -64,8 +77,11 @@ def training_figure(
         horizontal_spacing=0.08,
         vertical_spacing=0.14,
     )
-    for i, (name, history) in enumerate(runs.items()):
-        color = _COLORS[i % len(_COLORS)]
+    group_of = {name: (groups or {}).get(name, name) for name in runs}
+    colors = {g: _COLORS[i % len(_COLORS)] for i, g in enumerate(dict.fromkeys(group_of.values()))}
+    shown: set[str] = set()
+    for name, history in runs.items():
+        group = group_of[name]
         for j, (key, _, _) in enumerate(panels):
             xs, ys = _series(history, key)
             fig.add_trace(
@@ -73,15 +89,16 @@ def training_figure(
                     x=xs,
                     y=ys,
                     mode="lines",
-                    name=name,
-                    legendgroup=name,
-                    showlegend=j == 0,
+                    name=group,
+                    legendgroup=group,
+                    showlegend=j == 0 and group not in shown,
                     connectgaps=True,
-                    line={"color": color, "width": 1.8},
+                    line={"color": colors[group], "width": 1.8},
                 ),
                 row=j // cols + 1,
                 col=j % cols + 1,
             )
+        shown.add(group)
     for j, (_, _, log_y) in enumerate(panels):
         if log_y:
             fig.update_yaxes(type="log", row=j // cols + 1, col=j % cols + 1)
@@ -413,12 +430,47 @@ def prop55_figure(points: Sequence[Any], *, title: str = "") -> go.Figure:
     return fig
 
 
-def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
-    """Write a self-contained HTML report atomically (temp file + rename)."""
+def _atomic(path: str | os.PathLike[str], write: Any) -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path`` (never half-written)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".html")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
     os.close(fd)
-    fig.write_html(tmp, include_plotlyjs=True, full_html=True)
-    os.replace(tmp, target)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return target
+
+
+def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
+    """Write a self-contained HTML report atomically (temp file + rename)."""
+    return _atomic(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=True, full_html=True))
+
+
+#: Static formats :func:`save_figure` writes through plotly's exporter (kaleido), besides ``.html``.
+IMAGE_SUFFIXES = (".svg", ".png", ".pdf")
+
+
+def save_figure(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as HTML or, by the suffix of ``path``, as a static SVG / PNG / PDF image (atomically).
+
+    Static images go through plotly's own exporter, kaleido, which drives a local Chrome/Chromium (set
+    ``BROWSER_PATH=/usr/bin/chromium`` for Debian's). It is optional: ``pip install kaleido``.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".html":
+        return save_html(fig, path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"cannot write {str(path)!r}: the suffix must be .html or one of {IMAGE_SUFFIXES}")
+    try:
+        import kaleido  # noqa: F401  (plotly's exporter; imported here only to give a clear error)
+    except ImportError as e:
+        raise ImportError(
+            f"writing {str(path)!r} needs plotly's image exporter: pip install kaleido "
+            "(and BROWSER_PATH=/usr/bin/chromium where Chrome is not installed), or write .html instead"
+        ) from e
+    width = fig.layout.width or 1100  # plotly's 700 px default squeezes the three-column panels
+    return _atomic(path, lambda tmp: fig.write_image(tmp, width=width))
