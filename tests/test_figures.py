@@ -181,3 +181,39 @@ def test_save_figure_exports_an_svg_through_kaleido(tmp_path) -> None:
     out = save_figure(fig, tmp_path / "h.svg")
     svg = out.read_text()
     assert svg.startswith("<svg") and 'width="1100"' in svg and "clean-engine eval reward" in svg
+
+
+def test_sweep_figure_adds_the_clean_eval_reward_when_measured() -> None:
+    pts = [
+        {
+            "rho": r,
+            "label": rho_label(r),
+            "reward_final_mean": 0.5,
+            "reward_final_std": 0.0,
+            "k3_final_mean": 1e-3,
+            "one_minus_z_final_mean": 1e-4,
+            "tail_draws_mean": 1.0,
+            "eval_final_mean": e,
+            "eval_final_std": 0.01,
+        }
+        for r, e in ((1e-2, 0.9), (None, 0.8))
+    ]
+    fig = sweep_figure(pts)
+    assert fig.data[-1].name == "final clean-eval reward" and fig.data[-1].y == (0.9, 0.8)
+    no_eval = [{k: v for k, v in p.items() if not k.startswith("eval")} for p in pts]
+    assert len(sweep_figure(no_eval).data) == len(fig.data) - 1
+
+
+def test_sweep_points_take_the_last_measured_clean_eval_reward() -> None:
+    res = SweepResults("floor", [1e-2, 1e-4, None], [0, 1], 8)
+    for rho, evals in ((1e-2, (0.5, 0.5)), (1e-4, (0.9, 0.7)), (None, (0.5, 0.5))):
+        runs = []
+        for s, e in enumerate(evals):
+            run = _run(rho, s, 0.5, 1e-3)
+            run.history[4]["eval/reward"], run.history[7]["eval/reward"] = 0.1, e  # eval every few steps
+            runs.append(run)
+        res.runs[rho_label(rho)] = runs
+    pts = {p["label"]: p for p in res.points()}
+    assert pts["1e-04"]["eval_final_mean"] == pytest.approx(0.8) and pts["none"]["eval_final_mean"] == 0.5
+    assert pts["1e-04"]["eval_final_std"] == pytest.approx(math.sqrt(0.02))
+    assert res.to_dict()["u_shape_eval"]["best"] == "1e-04"  # the sampled reward is flat: no best there

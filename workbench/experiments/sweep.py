@@ -55,6 +55,7 @@ class SweepResults:
             if not runs:
                 continue
             finals = [_tail_mean(r.series("reward/mean")) for r in runs]
+            evals = [e for e in (_last_finite(r.series("eval/reward")) for r in runs) if math.isfinite(e)]
             k3 = [_tail_mean(r.series("mismatch/k3")) for r in runs]
             k1 = [_tail_mean(r.series("mismatch/k1")) for r in runs]
             pruned = [_tail_mean(r.series("dvp/one_minus_z_mean")) for r in runs]
@@ -66,6 +67,8 @@ class SweepResults:
                     "n": len(runs),
                     "reward_final_mean": statistics.fmean(finals),
                     "reward_final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                    "eval_final_mean": statistics.fmean(evals) if evals else math.nan,
+                    "eval_final_std": statistics.stdev(evals) if len(evals) > 1 else 0.0,
                     "k3_final_mean": statistics.fmean(k3),
                     "k1_final_mean": statistics.fmean(k1),
                     "one_minus_z_final_mean": statistics.fmean(pruned),
@@ -85,6 +88,7 @@ class SweepResults:
             "command": self.command,
             "points": self.points(),
             "u_shape": u_shape(self.points()),
+            "u_shape_eval": u_shape(self.points(), key="eval_final_mean"),
             "runs": {k: [r.to_dict() for r in v] for k, v in self.runs.items()},
         }
 
@@ -100,6 +104,8 @@ class SweepResults:
             "n",
             "reward_final_mean",
             "reward_final_std",
+            "eval_final_mean",
+            "eval_final_std",
             "k3_final_mean",
             "k1_final_mean",
             "one_minus_z_final_mean",
@@ -109,6 +115,11 @@ class SweepResults:
         for p in self.points():
             lines.append(",".join(str(p[c]) if isinstance(p[c], (str, int)) else f"{p[c]:.6g}" for c in cols))
         atomic_write_text(out / "sweep.csv", "\n".join(lines) + "\n")
+
+
+def _last_finite(xs: Sequence[float]) -> float:
+    """The last measured value of a sparse metric (``eval/reward`` is logged every few steps); nan if none."""
+    return next((x for x in reversed(xs) if math.isfinite(x)), math.nan)
 
 
 def _clean(x: Any) -> Any:
@@ -130,7 +141,7 @@ def u_shape(points: Sequence[Mapping[str, Any]], key: str = "reward_final_mean")
 
     Args:
         points: :meth:`SweepResults.points`.
-        key: the quantity to maximise.
+        key: the quantity to maximise (``*_mean``; its spread is read from the matching ``*_std``).
 
     Returns:
         ``{"best": label, "interior": bool, "left_gap": float, "right_gap": float, "u_shape": bool}``.
@@ -152,9 +163,11 @@ def u_shape(points: Sequence[Mapping[str, Any]], key: str = "reward_final_mean")
     vals = [float(p[key]) for p in points]
     best = max(range(len(vals)), key=vals.__getitem__)
 
+    std_key = key.removesuffix("_mean") + "_std"
+
     def se(i: int) -> float:
         p = points[i]
-        return float(p.get("reward_final_std", 0.0)) / math.sqrt(max(1, int(p.get("n", 1))))
+        return float(p.get(std_key, 0.0)) / math.sqrt(max(1, int(p.get("n", 1))))
 
     left, right = vals[best] - vals[0], vals[best] - vals[-1]
     interior = 0 < best < len(vals) - 1

@@ -202,7 +202,7 @@ def sweep_figure(points: Sequence[Mapping[str, Any]], *, title: str = "") -> go.
     Args:
         points: :meth:`workbench.experiments.sweep.SweepResults.points` rows (``label``,
             ``reward_final_mean``, ``reward_final_std``, ``k3_final_mean``, ``one_minus_z_final_mean``,
-            ``tail_draws_mean``).
+            ``tail_draws_mean``; ``eval_final_mean``/``eval_final_std`` add the clean-eval reward, last trace).
         title: figure title.
 
     Returns:
@@ -254,6 +254,19 @@ def sweep_figure(points: Sequence[Mapping[str, Any]], *, title: str = "") -> go.
             ),
             row=1,
             col=2,
+        )
+    if all(isinstance(p, Mapping) for p in pts) and any(_finite([p.get("eval_final_mean") for p in pts])):
+        fig.add_trace(  # the clean-engine eval reward, when the runs measured it (the policy, not the engine)
+            go.Scatter(
+                x=labels,
+                y=_finite([p.get("eval_final_mean") for p in pts]),
+                error_y={"type": "data", "array": _finite([p.get("eval_final_std") for p in pts])},
+                mode="lines+markers",
+                name="final clean-eval reward",
+                line={"color": _COLORS[3], "dash": "dot"},
+            ),
+            row=1,
+            col=1,
         )
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_xaxes(title_text="ρ (most pruning → none)")
