@@ -30,7 +30,7 @@ lab: $(STAMP)
 	WORKBENCH_QUICK=0 $(ENV)/bin/jupyter lab notebooks/00_tour.ipynb
 
 test: $(STAMP)
-	$(PY) -m pytest tests workbench notebooks --nbmake --nbmake-timeout=180
+	$(PY) -m pytest tests workbench notebooks --nbmake --nbmake-timeout=180 --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests workbench -m "not slow"

@@ -229,3 +229,30 @@ def test_pruned_logprob_checker_catches_inf_unnormalised_and_detached() -> None:
         return token_logprobs(z.detach(), t, r)
 
     _fails(ex.check_pruned_logprob, detached, "autograd")
+
+
+def test_shared_helpers_keep_both_wordings_and_the_graph_on_request() -> None:
+    """``_compare``/``_tensor`` serve lessons 00–05 (no ``what``) and :mod:`workbench.viz.checkers` (``what=...``)."""
+    got, expected = torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0])
+    with pytest.raises(ex.ExerciseFailure) as plain:
+        ex._compare("chk", "c", got, expected)
+    assert str(plain.value).splitlines() == [
+        "chk: wrong value at flat index 1 (1 of 2 entries differ)",
+        "  on case:  c",
+        "  expected: [1.0, 2.0]",
+        "  got:      [1.0, 2.5]",
+        "  first mismatch: expected 2, got 2.5 (tolerance atol=1e-05, rtol=0.0001)",
+    ]
+    with pytest.raises(ex.ExerciseFailure) as named:
+        ex._compare("chk", "c", got, expected, what="the result")
+    assert str(named.value).splitlines() == [
+        "chk: the result is wrong (1 of 2 entries differ)",
+        "  on case:  c",
+        "  expected: [1, 2]",
+        "  got:      [1, 2.5]",
+        "  first mismatch at flat index 1: expected 2, got 2.5",
+    ]
+    loss = torch.ones((), requires_grad=True) * 2
+    assert ex._tensor(loss, "chk", "c", "the loss", (), detach=False) is loss
+    copy = ex._tensor(loss, "chk", "c", "the loss", ())
+    assert copy.dtype == torch.float64 and not copy.requires_grad

@@ -25,10 +25,15 @@ from workbench.theory import (
     summary_markdown,
 )
 from workbench.theory.core import (
+    AS_STATED_NOTE,
+    RECONSTRUCTED_NOTE,
+    RECONSTRUCTED_TEX,
+    Statement,
     gaussian_expectation,
     is_zero,
     prove_nonnegative,
     prove_nonnegative_halfline,
+    scaled_derivation,
     validate_scale,
 )
 
@@ -264,6 +269,27 @@ def test_step_status() -> None:
     assert Step("d", "x", proved=True).status == "proved"
     assert Step("d", "x", proved=False, assumption=True).ok
     assert not Step("d", "x", proved=False).ok
+
+
+def test_statement_to_check_renders_scale_provenance_and_copies_steps() -> None:
+    calls: list[sp.Rational] = []
+
+    @scaled_derivation
+    def derivation(k: sp.Rational, kx: str) -> list[Step]:
+        calls.append(k)
+        return [Step("claim", f"x \\le {kx}x", proved=bool(k >= 1))]
+
+    as_stated = Statement("demo", "Demo", r"x \le {k}x", reconstructed=False)
+    check = as_stated.to_check(0.5, derivation(0.5), {"n": 1}, {"ok": True}, notes="Numbers.")
+    assert check.statement == r"x \le \frac{1}{2}\cdot x" and check.notes == f"{AS_STATED_NOTE} Numbers."
+    assert (check.name, check.title, check.reconstructed) == ("demo", "Demo", False)
+    assert not check.passed and check.failures == ["step: claim"]
+    check.steps[0].proved = True  # editing a returned check must not reach the cached derivation
+    assert derivation(0.5)[0].proved is False and calls == [sp.Rational(1, 2)]  # computed once, cached
+    reconstructed = Statement("demo", "Demo", r"x \le {k}x", reconstructed=True)
+    check = reconstructed.to_check(1.0, derivation(1.0), {}, {"ok": True}, notes="Numbers.")
+    assert check.statement == r"x \le x" + RECONSTRUCTED_TEX
+    assert check.notes == f"{RECONSTRUCTED_NOTE} Numbers." and check.passed
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,6 +91,14 @@ def _fmt(x: Any) -> str:
     return repr(x)
 
 
+def _show(x: torch.Tensor) -> str:
+    """A small tensor's entries to 6 significant digits (the wording of :mod:`workbench.viz.checkers`)."""
+    if x.numel() <= 12:
+        items = (f"{v:.6g}" if isinstance(v, float) else str(v) for v in x.flatten().tolist())
+        return "[" + ", ".join(items) + "]"
+    return f"tensor of shape {tuple(x.shape)}"
+
+
 def _call(fn: Callable[..., Any], exercise: str, case: str, *args: Any) -> Any:
     """Call the learner's function; turn any exception into a failure that names the case."""
     if not callable(fn):
@@ -107,8 +115,14 @@ def _call(fn: Callable[..., Any], exercise: str, case: str, *args: Any) -> Any:
         ) from err
 
 
-def _tensor(value: Any, exercise: str, case: str, what: str, shape: Sequence[int]) -> torch.Tensor:
-    """The learner's return value as a float64 tensor of ``shape``, or a failure saying what is wrong."""
+def _tensor(
+    value: Any, exercise: str, case: str, what: str, shape: Sequence[int], *, detach: bool = True
+) -> torch.Tensor:
+    """The learner's return value as a float64 tensor of ``shape``, or a failure saying what is wrong.
+
+    ``detach=False`` returns the learner's tensor itself (its dtype and autograd graph kept), for a loss whose
+    gradient is checked next.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool) and tuple(shape) == ():
         value = torch.tensor(float(value))
     if not isinstance(value, torch.Tensor):
@@ -120,7 +134,7 @@ def _tensor(value: Any, exercise: str, case: str, what: str, shape: Sequence[int
         raise ExerciseFailure(
             f"{exercise}: {what} has shape {tuple(value.shape)}, expected {tuple(shape)}\n  on case: {case}"
         )
-    return value.detach().double()
+    return value.detach().double() if detach else value
 
 
 def _float(value: Any, exercise: str, case: str, what: str) -> float:
@@ -151,6 +165,7 @@ def _compare(
     got: torch.Tensor,
     expected: torch.Tensor,
     *,
+    what: str | None = None,
     atol: float = 1e-5,
     rtol: float = 1e-4,
     diagnoses: Sequence[tuple[torch.Tensor | None, str]] = (),
@@ -159,21 +174,31 @@ def _compare(
     """Fail loudly unless ``got ≈ expected``; name the worst entry and the likeliest slip.
 
     ``diagnoses`` are ``(what a typical wrong answer returns, what the slip is)``: the first one that matches
-    ``got`` is reported.
+    ``got`` is reported. ``what`` names the compared quantity, as the checkers of :mod:`workbench.viz.checkers`
+    do: the message then reads "<what> is wrong" with values shown by :func:`_show`; without it, "wrong value
+    at flat index i" with values shown by :func:`_fmt` and the tolerance quoted.
     """
+    got, expected = got.detach().double(), expected.detach().double()
     ok = _close(got, expected, atol, rtol)
     if bool(ok.all()):
         return
     bad = (~ok).flatten().nonzero().flatten()
     i = int(bad[0])
     g, e = got.flatten()[i].item(), expected.flatten()[i].item()
-    where = f" at flat index {i}" if got.numel() > 1 else ""
+    counts = f"({len(bad)} of {got.numel()} entries differ)"
+    if what is None:
+        where = f" at flat index {i}" if got.numel() > 1 else ""
+        show, head = _fmt, f"wrong value{where} {counts}"
+        first = f"first mismatch: expected {e:.6g}, got {g:.6g} (tolerance atol={atol:g}, rtol={rtol:g})"
+    else:
+        show, head = _show, f"{what} is wrong {counts}"
+        first = f"first mismatch at flat index {i}: expected {e:.6g}, got {g:.6g}"
     lines = [
-        f"{exercise}: wrong value{where} ({len(bad)} of {got.numel()} entries differ)",
+        f"{exercise}: {head}",
         f"  on case:  {case}",
-        f"  expected: {_fmt(expected)}",
-        f"  got:      {_fmt(got)}",
-        f"  first mismatch: expected {e:.6g}, got {g:.6g} (tolerance atol={atol:g}, rtol={rtol:g})",
+        f"  expected: {show(expected)}",
+        f"  got:      {show(got)}",
+        f"  {first}",
     ]
     for candidate, slip in diagnoses:
         if (
@@ -223,10 +248,7 @@ def check_rloo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
         groups = rewards.double().view(-1, k)
         with_self = (groups - groups.mean(1, keepdim=True)).reshape(-1)
         _compare(
-            name,
-            case,
-            got,
-            expected,
+            name, case, got, expected,
             diagnoses=[
                 (
                     with_self,
@@ -240,7 +262,7 @@ def check_rloo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
                 (-expected, "the sign is flipped: A_i = R_i − baseline"),
             ],
             hint="group the rewards with rewards.view(-1, k); the baseline of i is the mean of the other k−1",
-        )
+        )  # fmt: skip
     return Passed(
         name, len(cases), "Leave-one-out: each sample is judged against the other samples of its prompt."
     )
@@ -414,13 +436,10 @@ def check_delta_by_bin(
             ]
         )
         _compare(
-            name,
-            case,
-            got,
-            expected,
+            name, case, got, expected,
             diagnoses=[(signed, "that is the mean of Δ; the signature averages |Δ| (signs would cancel)")],
             hint="p = exp(logp_train) over valid tokens; mean of |logp_infer − logp_train| per bin; NaN when empty",
-        )
+        )  # fmt: skip
     return Passed(
         name, len(cases), "Prop 4.2 predicts |Δ| shrinking as p → 1; you will see it in notebook 01."
     )
@@ -491,12 +510,7 @@ def check_exact_bound(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Pass
         got = _tensor(_call(fn, name, case, p.clone(), eps), name, case, "the bound", p.shape)
         expected = 2 * eps * (1 - p * math.exp(-2 * eps))
         _compare(
-            name,
-            case,
-            got,
-            expected,
-            atol=1e-9,
-            rtol=1e-6,
+            name, case, got, expected, atol=1e-9, rtol=1e-6,
             diagnoses=[
                 (
                     2 * eps * (1 - p),
@@ -510,7 +524,7 @@ def check_exact_bound(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Pass
                 ),
             ],
             hint="bound = 2·eps·(1 − p·exp(−2·eps))",
-        )
+        )  # fmt: skip
     return Passed(name, len(eps_values), "At p = 1 the bound is 2ε(1 − e^{−2ε}) ≈ 4ε², not 0: second order.")
 
 
@@ -670,13 +684,10 @@ def check_tail_summary(
             dtype=torch.float64,
         )
         _compare(
-            name,
-            case,
-            got,
-            expected,
+            name, case, got, expected,
             hint="select valid tokens first (x[mask]), then those with logp_train < log(p_max); "
             "mean of Δ = logp_infer − logp_train; NaN (not 0) for an empty selection",
-        )
+        )  # fmt: skip
     return Passed(name, len(cases), "In a run this is mismatch/lowp_delta_mean and its CI.")
 
 
@@ -704,16 +715,13 @@ def check_sequence_log_ratio(
         d = torch.where(mask, li.double() - lt.double(), 0.0)
         expected = d.sum(-1)
         _compare(
-            name,
-            case,
-            got,
-            expected,
+            name, case, got, expected,
             diagnoses=[
                 (-expected, "sign: S = log μ(y) − log π(y) (engine minus trainer), so π/μ = e^{−S}"),
                 (expected / mask.sum(-1), "that is the mean per token; S is the sum over the sequence"),
             ],
             hint="torch.where(mask, logp_infer − logp_train, 0).sum(-1)",
-        )
+        )  # fmt: skip
     return Passed(name, len(cases), "The sequence ratio is r(y) = π(y)/μ(y) = e^{−S(y)}.")
 
 
@@ -749,12 +757,7 @@ def check_bias_identity(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
         expected = ((mu - pi)[:, None] * grads).sum(0)
         s = log_mu - log_pi
         _compare(
-            name,
-            case,
-            got,
-            expected,
-            atol=1e-9,
-            rtol=1e-7,
+            name, case, got, expected, atol=1e-9, rtol=1e-7,
             diagnoses=[
                 (
                     ((mu * (1 - torch.exp(s)))[:, None] * grads).sum(0),
@@ -767,7 +770,7 @@ def check_bias_identity(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                 ),
             ],
             hint="(mu * (1 − exp(−S)))[:, None] * g, summed over sequences",
-        )
+        )  # fmt: skip
     return Passed(
         name, len(cases), "Reweighting by e^{−S} = π/μ turns E_μ into E_π: what is left over is the bias."
     )
@@ -815,10 +818,7 @@ def check_safe_mask(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Passed
         expected = safe_mask(z, rho).double()
         probs = torch.softmax(z, -1)
         _compare(
-            name,
-            case,
-            got,
-            expected,
+            name, case, got, expected,
             diagnoses=[
                 (
                     (z - z.amax(-1, keepdim=True) > math.log(rho)).double(),
@@ -830,7 +830,7 @@ def check_safe_mask(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Passed
                 ),
             ],
             hint="z − z.max(-1, keepdim=True) ≥ log(rho)",
-        )
+        )  # fmt: skip
     return Passed(name, len(cases), "The argmax is always safe, so Z > 0 and π^mp is a proper distribution.")
 
 
@@ -851,12 +851,7 @@ def check_retained_mass(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Pa
         got = _tensor(_call(fn, name, case, z.clone(), rho), name, case, "Z", z.shape[:-1])
         expected = retained_mass(z, rho).double()
         _compare(
-            name,
-            case,
-            got,
-            expected,
-            atol=1e-6,
-            rtol=1e-5,
+            name, case, got, expected, atol=1e-6, rtol=1e-5,
             diagnoses=[
                 (1 - expected, "that is 1 − Z, the pruned mass; Z is the mass that stays"),
                 (
@@ -869,7 +864,7 @@ def check_retained_mass(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Pa
                 ),
             ],
             hint="(softmax(z) * safe_mask).sum(-1)",
-        )
+        )  # fmt: skip
     return Passed(
         name, len(cases), "1 − Z = D_TV(π, π^mp) ≤ |V|ρ: tiny at ρ = e^-13 for any real vocabulary."
     )

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from workbench.experiments.runner import atomic_write_text
+from workbench.experiments.runner import atomic_write_json
 
 
 def _ints(text: str) -> list[int]:
@@ -69,16 +69,6 @@ def _engines(text: str) -> list[tuple[str, str | None]]:
         dtype, _, pert = item.strip().partition("+")
         out.append((dtype, pert or None))
     return out
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,33 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             ).to_dict()
             for d, pert in _engines(args.engines)
         ]
-        atomic_write_text(
+        atomic_write_json(
             out / f"{args.what}.json",
-            json.dumps(
-                _clean({"command": command, "scenario": args.scenario, "seed": seeds[0], "results": rows}),
-                indent=1,
-            )
-            + "\n",
+            {"command": command, "scenario": args.scenario, "seed": seeds[0], "results": rows},
         )
     elif args.what == "prop55":
         from workbench.experiments.beyond import prop55_on_policy
 
         model, tok, task, _ = _policy(args.scenario)
         pts = prop55_on_policy(model, tok, task, n_trajectories=args.trajectories, seed=seeds[0])
-        atomic_write_text(
+        atomic_write_json(
             out / "prop55.json",
-            json.dumps(
-                _clean(
-                    {
-                        "command": command,
-                        "scenario": args.scenario,
-                        "seed": seeds[0],
-                        "points": [pt.to_dict() for pt in pts],
-                    }
-                ),
-                indent=1,
-            )
-            + "\n",
+            {
+                "command": command,
+                "scenario": args.scenario,
+                "seed": seeds[0],
+                "points": [pt.to_dict() for pt in pts],
+            },
         )
     elif args.what == "sweep":
         from workbench.experiments.sweep import SWEEP_RHOS, rho_sweep

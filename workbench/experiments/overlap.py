@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from workbench import dvp, metrics
+from workbench.experiments.runner import json_clean
 from workbench.experiments.signature import probe_batches
 
 __all__ = ["Overlap", "measure_overlap"]
@@ -49,9 +50,7 @@ class Overlap:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (nan → None)."""
-        return {
-            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in self.__dict__.items()
-        }
+        return json_clean(self.__dict__)
 
 
 def measure_overlap(

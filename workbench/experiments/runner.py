@@ -39,7 +39,9 @@ __all__ = [
     "KEPT_KEYS",
     "ArmResults",
     "RunResult",
+    "atomic_write_json",
     "atomic_write_text",
+    "json_clean",
     "judge",
     "load_results",
     "merge_results",
@@ -93,6 +95,32 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def json_clean(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by ``None``, through nested mappings, lists and tuples.
+
+    ``json.dumps`` would write NaN and inf as bare ``NaN``/``Infinity``, which strict JSON readers
+    (browsers, ``jq``) reject; ``None`` becomes ``null``. Mappings become dicts and tuples lists.
+
+    >>> json_clean({"a": math.nan, "b": [1.0, (math.inf, "x")], "c": 2})
+    {'a': None, 'b': [1.0, [None, 'x']], 'c': 2}
+    """
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {k: json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_clean(v) for v in x]
+    return x
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``json.dumps(json_clean(data), indent=1)`` and a newline to ``path`` atomically.
+
+    The file is strict JSON (non-finite floats as ``null``) and never half-written.
+    """
+    return atomic_write_text(path, json.dumps(json_clean(data), indent=1) + "\n")
 
 
 def resolve_model(name: str | None) -> str | None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from workbench import dvp, metrics, models
+from workbench.experiments.runner import json_clean
 
 __all__ = [
     "LogitRecorder",
@@ -236,17 +237,7 @@ class Signature:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (nan → None)."""
-
-        def clean(x: Any) -> Any:
-            if isinstance(x, float):
-                return x if math.isfinite(x) else None
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return [clean(v) for v in x]
-            return x
-
-        return clean(self.__dict__)
+        return json_clean(self.__dict__)
 
 
 def measure_signature(

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.experiments.runner import RunResult, _tail_mean, atomic_write_text, run_one
+from workbench.experiments.runner import RunResult, _tail_mean, atomic_write_json, atomic_write_text, run_one
 
 __all__ = ["SWEEP_RHOS", "SweepResults", "rho_label", "rho_sweep", "u_shape"]
 
@@ -94,11 +94,10 @@ class SweepResults:
 
     def save(self, path: str) -> None:
         """Write ``sweep.json`` and ``sweep.csv`` into the directory ``path`` (atomically)."""
-        import json
         from pathlib import Path
 
         out = Path(path)
-        atomic_write_text(out / "sweep.json", json.dumps(_clean(self.to_dict()), indent=1) + "\n")
+        atomic_write_json(out / "sweep.json", self.to_dict())
         cols = [
             "label",
             "n",
@@ -120,16 +119,6 @@ class SweepResults:
 def _last_finite(xs: Sequence[float]) -> float:
     """The last measured value of a sparse metric (``eval/reward`` is logged every few steps); nan if none."""
     return next((x for x in reversed(xs) if math.isfinite(x)), math.nan)
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, Mapping):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
 
 
 def u_shape(points: Sequence[Mapping[str, Any]], key: str = "reward_final_mean") -> dict[str, Any]:

@@ -33,16 +33,36 @@ def _operand(rng: random.Random, digits: int) -> int:
     return rng.randrange(10**digits)
 
 
-def _exact(problem: Problem, completion: str) -> float:
-    """1.0 when the text before eos equals the reference answer exactly, else 0.0."""
-    return 1.0 if response_text(completion) == problem.answer else 0.0
+class _ExactAnswerTask:
+    """What the single-answer tasks share: problems drawn one at a time, an exact-match reward, SFT text.
+
+    A subclass writes :meth:`_draw` (one problem from ``rng``); :meth:`sample`, :meth:`reward` and
+    :meth:`sft_text` are the same for :class:`AdditionTask`, :class:`SortTask` and :class:`CountTask`.
+    """
+
+    def _draw(self, rng: random.Random) -> Problem:
+        """One problem, using only ``rng`` for randomness."""
+        raise NotImplementedError
+
+    def sample(self, n: int, rng: random.Random) -> list[Problem]:
+        """Draw ``n`` problems, one :meth:`_draw` after another (deterministic given ``rng``)."""
+        return [self._draw(rng) for _ in range(check_n(n))]
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        """1.0 iff the text before eos is exactly the reference answer (nothing stripped), else 0.0."""
+        return 1.0 if response_text(completion) == problem.answer else 0.0
+
+    def sft_text(self, problem: Problem) -> str:
+        """``prompt + answer``."""
+        return problem.prompt + problem.answer
 
 
 @dataclass(frozen=True)
-class AdditionTask:
+class AdditionTask(_ExactAnswerTask):
     """Add two non-negative integers: ``"12+34="`` → ``"46"``.
 
-    Operands are uniform on ``[0, 10**digits)``; the answer is written without leading zeros.
+    Operands are uniform on ``[0, 10**digits)``; the answer is written without leading zeros, and only
+    that exact text (no spaces) earns the reward.
 
     >>> task = AdditionTask(digits=2)
     >>> [p] = task.sample(1, random.Random(0))
@@ -65,25 +85,14 @@ class AdditionTask:
         """Longest answer (``digits + 1`` chars) plus eos."""
         return self.digits + 2
 
-    def sample(self, n: int, rng: random.Random) -> list[Problem]:
-        """Draw ``n`` additions (deterministic given ``rng``)."""
-        out = []
-        for _ in range(check_n(n)):
-            a, b = _operand(rng, self.digits), _operand(rng, self.digits)
-            out.append(Problem(f"{a}+{b}=", str(a + b)))
-        return out
-
-    def reward(self, problem: Problem, completion: str) -> float:
-        """1.0 iff the text before eos is exactly the sum (no spaces, no leading zeros)."""
-        return _exact(problem, completion)
-
-    def sft_text(self, problem: Problem) -> str:
-        """``prompt + answer``."""
-        return problem.prompt + problem.answer
+    def _draw(self, rng: random.Random) -> Problem:
+        """One addition."""
+        a, b = _operand(rng, self.digits), _operand(rng, self.digits)
+        return Problem(f"{a}+{b}=", str(a + b))
 
 
 @dataclass(frozen=True)
-class SortTask:
+class SortTask(_ExactAnswerTask):
     """Sort letters alphabetically: ``"sort dbca="`` → ``"abcd"``.
 
     Letters are drawn with replacement from the first ``alphabet_size`` letters of a–z, so repeats
@@ -113,30 +122,20 @@ class SortTask:
         """The sorted letters plus eos."""
         return self.length + 1
 
-    def sample(self, n: int, rng: random.Random) -> list[Problem]:
-        """Draw ``n`` strings to sort (deterministic given ``rng``)."""
+    def _draw(self, rng: random.Random) -> Problem:
+        """One string to sort."""
         letters = string.ascii_lowercase[: self.alphabet_size]
-        out = []
-        for _ in range(check_n(n)):
-            s = "".join(rng.choice(letters) for _ in range(self.length))
-            out.append(Problem(f"sort {s}=", "".join(sorted(s))))
-        return out
-
-    def reward(self, problem: Problem, completion: str) -> float:
-        """1.0 iff the text before eos is exactly the sorted string."""
-        return _exact(problem, completion)
-
-    def sft_text(self, problem: Problem) -> str:
-        """``prompt + answer``."""
-        return problem.prompt + problem.answer
+        s = "".join(rng.choice(letters) for _ in range(self.length))
+        return Problem(f"sort {s}=", "".join(sorted(s)))
 
 
 @dataclass(frozen=True)
-class CountTask:
+class CountTask(_ExactAnswerTask):
     """Count occurrences of a letter: ``"a in abacab="`` → ``"3"``.
 
     The query letter and the string's letters are uniform over the first ``alphabet_size`` letters
-    of a–z, so the count is Binomial(``length``, 1/``alphabet_size``) and 0 is a common answer.
+    of a–z, so the count is Binomial(``length``, 1/``alphabet_size``) and 0 is a common answer. The
+    answer is written in decimal without leading zeros.
 
     >>> task = CountTask(length=6, alphabet_size=3)
     >>> [p] = task.sample(1, random.Random(1))
@@ -162,23 +161,12 @@ class CountTask:
         """The count's digits plus eos."""
         return len(str(self.length)) + 1
 
-    def sample(self, n: int, rng: random.Random) -> list[Problem]:
-        """Draw ``n`` counting problems (deterministic given ``rng``)."""
+    def _draw(self, rng: random.Random) -> Problem:
+        """One counting problem: the query letter, then the string searched."""
         letters = string.ascii_lowercase[: self.alphabet_size]
-        out = []
-        for _ in range(check_n(n)):
-            c = rng.choice(letters)
-            s = "".join(rng.choice(letters) for _ in range(self.length))
-            out.append(Problem(f"{c} in {s}=", str(s.count(c))))
-        return out
-
-    def reward(self, problem: Problem, completion: str) -> float:
-        """1.0 iff the text before eos is exactly the count (decimal, no leading zeros)."""
-        return _exact(problem, completion)
-
-    def sft_text(self, problem: Problem) -> str:
-        """``prompt + answer``."""
-        return problem.prompt + problem.answer
+        c = rng.choice(letters)
+        s = "".join(rng.choice(letters) for _ in range(self.length))
+        return Problem(f"{c} in {s}=", str(s.count(c)))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ against the torch code in :mod:`workbench.dvp`. A check passes when every step i
 numeric criterion holds. A step sympy *tried and failed* to prove fails the check: that is how a wrong
 statement (the ``scale`` argument of every check function) is caught on the symbolic side.
 
+Each check module declares its :class:`Statement` (name, title, LaTeX with ``{k}`` where the scale goes,
+provenance), a derivation wrapped in :func:`scaled_derivation` (cached per scale, ending in a
+:func:`conclusion` where it chains its steps), and a ``check_*`` function that runs its own numerics and
+returns ``STATEMENT.to_check(scale, _derivation(scale), numeric, criteria, notes)``.
+
 The provers here are deliberately small and sound (they can say "not proved" for a true statement, never
 "proved" for a false one):
 
@@ -24,11 +29,12 @@ so expectations over sequences can be computed *exactly* (Theorem 4.1, Propositi
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import sympy as sp
@@ -36,13 +42,16 @@ import torch
 
 __all__ = [
     "Check",
+    "Statement",
     "Step",
     "TreePolicy",
+    "conclusion",
     "gaussian_expectation",
     "is_zero",
     "prove_nonnegative",
     "prove_nonnegative_halfline",
     "scale_prefix",
+    "scaled_derivation",
     "sign_abs",
     "summary_markdown",
     "to_rational",
@@ -58,6 +67,9 @@ RECONSTRUCTED_NOTE = (
 
 RECONSTRUCTED_TEX = r" \\ \text{(reconstructed: the paper's full text was not available; see THEORY.md)}"
 """Appended to the LaTeX statement of every reconstructed check."""
+
+AS_STATED_NOTE = "As stated in THEORY.md (not a reconstruction)."
+"""The sentence every check of a statement taken as THEORY.md writes it opens its ``notes`` with."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,6 +209,81 @@ class Check:
         )
 
 
+@dataclass(frozen=True)
+class Statement:
+    """One result of THEORY.md as its check states it; :meth:`to_check` assembles the check's :class:`Check`.
+
+    The checks differ in their derivations and numerics only: how the statement is rendered at a ``scale``,
+    how its provenance enters the notes and how the cached derivation is handed out are the same for all.
+
+    Attributes:
+        name: short identifier, e.g. ``"prop_4_2"``.
+        title: human title; a reconstructed statement says ``(reconstructed)`` in it.
+        latex: the statement in LaTeX, with ``{k}`` wherever the scale factor multiplies a right-hand side.
+        reconstructed: the statement is a reconstruction (the paper's full text was not available).
+    """
+
+    name: str
+    title: str
+    latex: str
+    reconstructed: bool
+
+    def render(self, scale: float) -> str:
+        r"""The LaTeX statement at ``scale``: ``{k}`` → :func:`scale_prefix`, plus a reconstruction remark.
+
+        >>> claim = Statement("demo", "Demo", r"a \le {k}b", reconstructed=False)
+        >>> claim.render(1.0), claim.render(0.5)
+        ('a \\le b', 'a \\le \\frac{1}{2}\\cdot b')
+        """
+        tex = self.latex.replace("{k}", scale_prefix(to_rational(scale)))
+        return tex + RECONSTRUCTED_TEX if self.reconstructed else tex
+
+    def to_check(
+        self,
+        scale: float,
+        steps: Iterable[Step],
+        numeric: dict[str, Any],
+        criteria: dict[str, bool],
+        notes: str,
+    ) -> Check:
+        """The :class:`Check` of this statement at ``scale``.
+
+        Args:
+            scale: the factor the check ran with (see :func:`validate_scale`); the statement is rendered at it.
+            steps: the derivation, typically a cached tuple; each step is copied, so a caller that edits the
+                returned check cannot change the cache.
+            numeric, criteria: the numeric cross-checks (see :class:`Check`).
+            notes: what the numbers mean; the provenance sentence (:data:`RECONSTRUCTED_NOTE` or
+                :data:`AS_STATED_NOTE`) is put in front.
+        """
+        provenance = RECONSTRUCTED_NOTE if self.reconstructed else AS_STATED_NOTE
+        return Check(
+            name=self.name,
+            title=self.title,
+            statement=self.render(scale),
+            reconstructed=self.reconstructed,
+            steps=[replace(s) for s in steps],
+            numeric=numeric,
+            criteria=criteria,
+            notes=f"{provenance} {notes}",
+        )
+
+
+def conclusion(description: str, latex: str, steps: Iterable[Step]) -> Step:
+    """The closing step of a derivation that chains ``steps``: proved exactly when every one of them is ok.
+
+    >>> proved, assumed = Step("s", "x", proved=True), Step("t", "y", proved=False, assumption=True)
+    >>> conclusion("combine", "z", [proved, assumed]).proved, conclusion("combine", "z", [Step("u", "w", False)]).proved
+    (True, False)
+    """
+    return Step(
+        description,
+        latex,
+        proved=all(s.ok for s in steps),
+        method="chain of the steps above (each proved by sympy or stated as an assumption)",
+    )
+
+
 def summary_markdown(checks: Iterable[Check]) -> str:
     """A markdown table with one row per check: verdict, reconstructed, steps proved, criteria met.
 
@@ -283,6 +370,30 @@ def scale_prefix(k: sp.Expr) -> str:
     ('', '\\frac{1}{2}\\cdot ')
     """
     return "" if k == 1 else f"{sp.latex(k)}\\cdot "
+
+
+def scaled_derivation(derive: Callable[..., list[Step]]) -> Callable[..., tuple[Step, ...]]:
+    r"""Make ``derive(k, kx, *args)`` the cached derivation ``derivation(scale, *args)`` of a scaled statement.
+
+    Every check proves its statement with each right-hand side multiplied by ``scale``. ``derive`` receives it
+    as the exact rational ``k = to_rational(scale)`` and as LaTeX, ``kx = scale_prefix(k)`` (``""`` at 1), and
+    returns its steps; the result is cached per ``(scale, *args)`` (sympy is slow and the checks rerun it) and
+    handed out as a tuple, which :meth:`Statement.to_check` copies step by step.
+
+    >>> @scaled_derivation
+    ... def demo(k: sp.Rational, kx: str) -> list[Step]:
+    ...     return [Step("x ≤ k·x for x ≥ 0", f"x ≤ {kx}x", proved=bool(k >= 1))]
+    >>> demo(1.0)[0].proved, demo(0.5)[0].proved, demo(0.5)[0].latex
+    (True, False, 'x ≤ \\frac{1}{2}\\cdot x')
+    """
+
+    @functools.lru_cache(maxsize=8)
+    @functools.wraps(derive)
+    def derivation(scale: float, *args: Any) -> tuple[Step, ...]:
+        k = to_rational(scale)
+        return tuple(derive(k, scale_prefix(k), *args))
+
+    return derivation
 
 
 def is_zero(expr: sp.Expr) -> bool:

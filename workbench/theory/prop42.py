@@ -18,10 +18,8 @@ Run: ``python -c "from workbench.theory import check_prop42; print(check_prop42(
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-from dataclasses import replace
 
 import sympy as sp
 import torch
@@ -29,39 +27,37 @@ import torch
 from workbench.dvp import token_logprobs
 from workbench.theory.core import (
     Check,
+    Statement,
     Step,
     all_ok,
     is_zero,
     prove_nonnegative,
     prove_nonnegative_halfline,
-    scale_prefix,
+    scaled_derivation,
     seeded_generator,
-    to_rational,
     validate_scale,
 )
 
 __all__ = ["check_prop42"]
 
-STATEMENT = (
-    r"\|\delta\|_\infty \le \varepsilon:\quad f(t)=\log\operatorname{softmax}_a(z+t\delta),\ "
-    r"f'(t)=\delta_a-\textstyle\sum_b p_b(t)\,\delta_b,\ |f'(t)| \le {k}\,2\varepsilon\,(1-p_a(t)) \\"
-    r"|\Delta_a| \le {k}\,2\varepsilon\,(1-p_a)\ \text{{(first order)}},\quad "
-    r"|\Delta_a| \le {k}\,2\varepsilon\,(1-p_a e^{{-2\varepsilon}})\ \text{{(exact)}},\quad "
-    r"|\Delta_a| \le {k}\,2\varepsilon \\"
-    r"|S(y)| \le {k}\,2\varepsilon \textstyle\sum_t (1-p_{{y_t}})"
+STATEMENT = Statement(
+    name="prop_4_2",
+    title="Proposition 4.2 — asymmetric bound |Δ_a| ≤ 2ε(1 − p_a)",
+    latex=(
+        r"\|\delta\|_\infty \le \varepsilon:\quad f(t)=\log\operatorname{softmax}_a(z+t\delta),\ "
+        r"f'(t)=\delta_a-\textstyle\sum_b p_b(t)\,\delta_b,\ |f'(t)| \le {k}\,2\varepsilon\,(1-p_a(t)) \\"
+        r"|\Delta_a| \le {k}\,2\varepsilon\,(1-p_a)\ \text{(first order)},\quad "
+        r"|\Delta_a| \le {k}\,2\varepsilon\,(1-p_a e^{-2\varepsilon})\ \text{(exact)},\quad "
+        r"|\Delta_a| \le {k}\,2\varepsilon \\"
+        r"|S(y)| \le {k}\,2\varepsilon \textstyle\sum_t (1-p_{y_t})"
+    ),
+    reconstructed=False,
 )
 
 
-def _statement(scale: float) -> str:
-    k = scale_prefix(to_rational(scale))
-    return STATEMENT.replace("{k}", k).replace("{{", "{").replace("}}", "}")
-
-
-@functools.lru_cache(maxsize=8)
-def _derivation(scale: float) -> tuple[Step, ...]:
-    """The sympy derivation for a 3-token vocabulary; ``scale`` multiplies every claimed bound."""
-    k = to_rational(scale)
-    kx = scale_prefix(k)  # LaTeX factor: "" as written
+@scaled_derivation
+def _derivation(k: sp.Rational, kx: str) -> list[Step]:
+    """The sympy derivation for a 3-token vocabulary; ``k`` (LaTeX ``kx``) multiplies every claimed bound."""
     vocab = 3
     t = sp.Symbol("t", nonnegative=True)
     eps = sp.Symbol("epsilon", positive=True)
@@ -218,7 +214,7 @@ def _derivation(scale: float) -> tuple[Step, ...]:
             method="triangle inequality over the T steps (standard)",
         )
     )
-    return tuple(steps)
+    return steps
 
 
 def check_prop42(
@@ -250,7 +246,6 @@ def check_prop42(
     validate_scale(scale)
     if not eps_values or any(not (e > 0 and math.isfinite(e)) for e in eps_values):
         raise ValueError(f"eps_values={eps_values!r} must be a non-empty tuple of finite ε > 0")
-    steps = [replace(s) for s in _derivation(float(scale))]
 
     gen = seeded_generator(seed)
     n, T, V = num_sequences, horizon, vocab
@@ -307,20 +302,16 @@ def check_prop42(
         "first_order_ratio_within_cap": numeric["max_ratio_first_order"]
         <= scale * numeric["first_order_ratio_cap"],
     }
-    return Check(
-        name="prop_4_2",
-        title="Proposition 4.2 — asymmetric bound |Δ_a| ≤ 2ε(1 − p_a)",
-        statement=_statement(scale),
-        reconstructed=False,
-        steps=steps,
-        numeric=numeric,
-        criteria=criteria,
+    return STATEMENT.to_check(
+        scale,
+        _derivation(float(scale)),
+        numeric,
+        criteria,
         notes=(
-            "As stated in THEORY.md (not a reconstruction). The first-order bound 2ε(1 − p_a) holds only to first "
-            "order: its worst numeric ratio approaches (e^{2ε} − 1)/2ε; the check verifies its exact form "
-            "(e^{2ε} − 1)(1 − p_a) and the exact bound 2ε(1 − p_a e^{−2ε}) on every token. The sequence bound is "
-            "checked in its exact form Σ_t 2ε(1 − p_{y_t} e^{−2ε}); max_ratio_sequence_first_order reports the "
-            "first-order form. Numbers use fp32 log-probs from workbench.dvp.token_logprobs with a tolerance of "
-            "8 fp32 ulps of |log p|."
+            "The first-order bound 2ε(1 − p_a) holds only to first order: its worst numeric ratio approaches "
+            "(e^{2ε} − 1)/2ε; the check verifies its exact form (e^{2ε} − 1)(1 − p_a) and the exact bound "
+            "2ε(1 − p_a e^{−2ε}) on every token. The sequence bound is checked in its exact form "
+            "Σ_t 2ε(1 − p_{y_t} e^{−2ε}); max_ratio_sequence_first_order reports the first-order form. Numbers use "
+            "fp32 log-probs from workbench.dvp.token_logprobs with a tolerance of 8 fp32 ulps of |log p|."
         ),
     )

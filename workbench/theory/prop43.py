@@ -21,42 +21,38 @@ Numerics use :func:`workbench.dvp.token_logprobs` on seeded Monte Carlo draws.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import replace
 
 import sympy as sp
 import torch
 
 from workbench.dvp import token_logprobs
 from workbench.theory.core import (
-    RECONSTRUCTED_NOTE,
-    RECONSTRUCTED_TEX,
     Check,
+    Statement,
     Step,
     gaussian_expectation,
     is_zero,
     prove_nonnegative,
-    scale_prefix,
+    scaled_derivation,
     seeded_generator,
-    to_rational,
     truncate_series,
     validate_scale,
 )
 
 __all__ = ["check_prop43", "second_order_conditional_mean"]
 
-STATEMENT = (
-    r"\delta_b \sim \mathcal N(0,\sigma^2)\ \text{i.i.d.}:\quad "
-    r"\delta_a \mid a\ \text{sampled} \approx \mathcal N({k}\sigma^2, \sigma^2) \\"
-    r"\mathbb E[\Delta_a \mid a\ \text{sampled}] \approx {k}\sigma^2 (1-p_a) > 0,\qquad "
-    r"\mathbb E[\Delta_a] \approx -{k}\tfrac{\sigma^2}{2}\Big(1-\sum_b p_b^2\Big) \le 0"
+STATEMENT = Statement(
+    name="prop_4_3",
+    title="Proposition 4.3 (reconstructed) — sampled tail tokens have a positive mismatch mode",
+    latex=(
+        r"\delta_b \sim \mathcal N(0,\sigma^2)\ \text{i.i.d.}:\quad "
+        r"\delta_a \mid a\ \text{sampled} \approx \mathcal N({k}\sigma^2, \sigma^2) \\"
+        r"\mathbb E[\Delta_a \mid a\ \text{sampled}] \approx {k}\sigma^2 (1-p_a) > 0,\qquad "
+        r"\mathbb E[\Delta_a] \approx -{k}\tfrac{\sigma^2}{2}\Big(1-\sum_b p_b^2\Big) \le 0"
+    ),
+    reconstructed=True,
 )
-
-
-def _statement(scale: float) -> str:
-    k = scale_prefix(to_rational(scale))
-    return STATEMENT.replace("{k}", k) + RECONSTRUCTED_TEX
 
 
 def second_order_conditional_mean(p: torch.Tensor, token: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -79,11 +75,9 @@ def second_order_conditional_mean(p: torch.Tensor, token: torch.Tensor, sigma: f
     return sigma**2 * (0.5 - 2 * pa + 1.5 * sum_sq)
 
 
-@functools.lru_cache(maxsize=8)
-def _derivation(scale: float) -> tuple[Step, ...]:
-    """The sympy derivation; ``scale`` multiplies every claimed mean."""
-    k = to_rational(scale)
-    kx = scale_prefix(k)  # LaTeX factor: "" as written
+@scaled_derivation
+def _derivation(k: sp.Rational, kx: str) -> list[Step]:
+    """The sympy derivation; ``k`` (LaTeX ``kx``) multiplies every claimed mean."""
     steps: list[Step] = []
     sigma = sp.Symbol("sigma", positive=True)
     x = sp.Symbol("x", real=True)
@@ -241,7 +235,7 @@ def _derivation(scale: float) -> tuple[Step, ...]:
             method="sympy: Σq = 1 ⇒ Σq² ≤ (Σq)² (non-negative cross terms) and Σq² > 0 (|V| = 4)",
         )
     )
-    return tuple(steps)
+    return steps
 
 
 def _mc_stats(values: torch.Tensor, z_crit: float = 3.0) -> tuple[float, float, float]:
@@ -293,7 +287,6 @@ def check_prop43(
         raise ValueError(f"p_tail={p_tail!r} must be in (0, 1) (e.g. 0.05)")
     if num_draws < 1000:
         raise ValueError(f"num_draws={num_draws!r} must be ≥ 1000 for a meaningful Monte Carlo estimate")
-    steps = [replace(s) for s in _derivation(float(scale))]
 
     gen = seeded_generator(seed)
     s2, slack = sigma**2, sigma**4
@@ -366,20 +359,16 @@ def check_prop43(
                 f"{name}/uncond_mean_matches": abs(unc - unc_theory) <= hw_unc + slack,
             }
         )
-    return Check(
-        name="prop_4_3",
-        title="Proposition 4.3 (reconstructed) — sampled tail tokens have a positive mismatch mode",
-        statement=_statement(scale),
-        reconstructed=True,
-        steps=steps,
-        numeric=numeric,
-        criteria=criteria,
+    return STATEMENT.to_check(
+        scale,
+        _derivation(float(scale)),
+        numeric,
+        criteria,
         notes=(
-            RECONSTRUCTED_NOTE
-            + " The tilt δ_a | sampled ≈ N(σ², σ²) and the unconditional mean are confirmed to "
-            "second order. THEORY.md's E[Δ_a | sampled] ≈ σ²(1 − p_a) keeps only the own-logit term: the exact "
-            "second-order value is σ²(½ − 2p_a + (3/2)Σ_b p_b²) (≈ σ²/2 for a flat policy, ≈ 2σ² for a peaked "
-            "one); the Monte Carlo matches that value, and THEORY.md's only within a factor 2. Intervals are "
+            "The tilt δ_a | sampled ≈ N(σ², σ²) and the unconditional mean are confirmed to second order. "
+            "THEORY.md's E[Δ_a | sampled] ≈ σ²(1 − p_a) keeps only the own-logit term: the exact second-order "
+            "value is σ²(½ − 2p_a + (3/2)Σ_b p_b²) (≈ σ²/2 for a flat policy, ≈ 2σ² for a peaked one); the Monte "
+            "Carlo matches that value, and THEORY.md's only within a factor 2. Intervals are "
             f"±{z_crit}·SE; matches allow an extra σ⁴ for the neglected terms."
         ),
     )

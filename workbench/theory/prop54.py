@@ -17,26 +17,22 @@ Numerics compare, for random logits and ρ from 0.3 down to e^{-13}, the TV comp
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import replace
 
 import sympy as sp
 import torch
 
 from workbench.dvp import retained_mass, safe_mask, token_logprobs
 from workbench.theory.core import (
-    RECONSTRUCTED_NOTE,
-    RECONSTRUCTED_TEX,
     Check,
+    Statement,
     Step,
     all_ok,
     is_zero,
     prove_nonnegative,
-    scale_prefix,
+    scaled_derivation,
     seeded_generator,
     sign_abs,
-    to_rational,
     validate_scale,
 )
 
@@ -45,22 +41,20 @@ __all__ = ["DEFAULT_RHOS", "check_prop54"]
 DEFAULT_RHOS: tuple[float, ...] = (0.3, 0.1, 1e-2, 1e-4, math.exp(-13))
 """ρ values the numeric check sweeps: large ones make 1 − Z visible, e^{-13} is the paper's default."""
 
-STATEMENT = (
-    r"V_S=\{a:\pi(a)\ge\rho\max_b\pi(b)\},\ \ \pi^{mp}=\frac{\pi\,\mathbb 1[V_S]}{Z},\ \ Z=\sum_{a\in V_S}\pi(a): \\"
-    r"D_{TV}\big(\pi(\cdot|s),\pi^{mp}(\cdot|s)\big) = {k}(1-Z(s)) \le {k}(|V|-|V_S|)\,\rho\max\pi \le {k}|V|\rho"
+STATEMENT = Statement(
+    name="prop_5_4",
+    title="Proposition 5.4 (reconstructed) — pointwise TV of pruning: D_TV(π, π^mp) = 1 − Z",
+    latex=(
+        r"V_S=\{a:\pi(a)\ge\rho\max_b\pi(b)\},\ \ \pi^{mp}=\frac{\pi\,\mathbb 1[V_S]}{Z},\ \ Z=\sum_{a\in V_S}\pi(a): \\"
+        r"D_{TV}\big(\pi(\cdot|s),\pi^{mp}(\cdot|s)\big) = {k}(1-Z(s)) \le {k}(|V|-|V_S|)\,\rho\max\pi \le {k}|V|\rho"
+    ),
+    reconstructed=True,
 )
 
 
-def _statement(scale: float) -> str:
-    k = scale_prefix(to_rational(scale))
-    return STATEMENT.replace("{k}", k) + RECONSTRUCTED_TEX
-
-
-@functools.lru_cache(maxsize=8)
-def _derivation(scale: float) -> tuple[Step, ...]:
-    """sympy derivation on |V| = 4 with safe set {1, 2}; ``scale`` multiplies every claimed right-hand side."""
-    k = to_rational(scale)
-    kx = scale_prefix(k)  # LaTeX factor: "" as written
+@scaled_derivation
+def _derivation(k: sp.Rational, kx: str) -> list[Step]:
+    """sympy derivation on |V| = 4 with safe set {1, 2}; ``k`` (LaTeX ``kx``) multiplies every right-hand side."""
     steps: list[Step] = [
         Step(
             "definitions: the argmax is always safe (ρ ≤ 1), so Z ≥ max π > 0 and π^mp is a distribution",
@@ -108,7 +102,7 @@ def _derivation(scale: float) -> tuple[Step, ...]:
             method="sympy: prove_nonnegative(|V|ρ − (|V| − |V_S|)ρ max π)",
         )
     )
-    return tuple(steps)
+    return steps
 
 
 def check_prop54(
@@ -135,7 +129,6 @@ def check_prop54(
     validate_scale(scale)
     if not rhos or any(not (0 < r <= 1) for r in rhos):
         raise ValueError(f"rhos={rhos!r} must be a non-empty tuple of ρ in (0, 1]")
-    steps = [replace(s) for s in _derivation(float(scale))]
     gen = seeded_generator(seed)
     B, V = batch, vocab
     sharp = torch.empty(B, 1).uniform_(0.5, 8.0, generator=gen)
@@ -181,15 +174,11 @@ def check_prop54(
         "pi_mp_supported_on_safe_set_and_normalised": all_ok(crit["mp_support"]),
         "z_in_0_1": all_ok(crit["z_range"]),
     }
-    return Check(
-        name="prop_5_4",
-        title="Proposition 5.4 (reconstructed) — pointwise TV of pruning: D_TV(π, π^mp) = 1 − Z",
-        statement=_statement(scale),
-        reconstructed=True,
-        steps=steps,
-        numeric=numeric,
-        criteria=criteria,
-        notes=RECONSTRUCTED_NOTE
-        + f" Numerics: {B} random logit vectors of |V| = {V} per ρ; fp32 log-probs from workbench.dvp; "
+    return STATEMENT.to_check(
+        scale,
+        _derivation(float(scale)),
+        numeric,
+        criteria,
+        notes=f"Numerics: {B} random logit vectors of |V| = {V} per ρ; fp32 log-probs from workbench.dvp; "
         f"absolute tolerance {tol:g}.",
     )

@@ -17,7 +17,6 @@ bound is non-trivial, with random rewards in [0, R_max] and with the worst-case 
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 
 import sympy as sp
 import torch
@@ -25,30 +24,31 @@ import torch
 from workbench.dvp import retained_mass, token_logprobs
 from workbench.theory.core import (
     Check,
+    Statement,
     Step,
     TreePolicy,
     all_ok,
+    conclusion,
     is_zero,
     prove_nonnegative,
-    scale_prefix,
+    scaled_derivation,
     seeded_generator,
     sign_abs,
-    to_rational,
     validate_scale,
 )
 
 __all__ = ["check_prop55", "hybrid_steps"]
 
-STATEMENT = (
-    r"R\in[0,R_{\max}],\ Z_{\min}=\min_s Z(s):\qquad |J_{mp}-J| \le {k}R_{\max}\cdot T\cdot(1-Z_{\min}) \\"
-    r"D_{TV}(P_\pi,P_{mp}) \le \sum_t \mathbb E\big[D_{TV}(\pi(\cdot|s_t),\pi^{mp}(\cdot|s_t))\big] \le T(1-Z_{\min}),"
-    r"\quad |\mathbb E_P R-\mathbb E_Q R| \le R_{\max} D_{TV}(P,Q)"
+STATEMENT = Statement(
+    name="prop_5_5",
+    title="Proposition 5.5 — objective bias of pruning |J_mp − J| ≤ R_max T (1 − Z_min)",
+    latex=(
+        r"R\in[0,R_{\max}],\ Z_{\min}=\min_s Z(s):\qquad |J_{mp}-J| \le {k}R_{\max}\cdot T\cdot(1-Z_{\min}) \\"
+        r"D_{TV}(P_\pi,P_{mp}) \le \sum_t \mathbb E\big[D_{TV}(\pi(\cdot|s_t),\pi^{mp}(\cdot|s_t))\big] \le T(1-Z_{\min}),"
+        r"\quad |\mathbb E_P R-\mathbb E_Q R| \le R_{\max} D_{TV}(P,Q)"
+    ),
+    reconstructed=False,
 )
-
-
-def _statement(scale: float) -> str:
-    k = scale_prefix(to_rational(scale))
-    return STATEMENT.replace("{k}", k)
 
 
 @functools.lru_cache(maxsize=2)
@@ -93,10 +93,9 @@ def hybrid_steps() -> tuple[Step, ...]:
     return step1, step2, step3
 
 
-@functools.lru_cache(maxsize=8)
-def _derivation(scale: float, horizon: int) -> tuple[Step, ...]:
-    k = to_rational(scale)
-    kx = scale_prefix(k)  # LaTeX factor: "" as written
+@scaled_derivation
+def _derivation(k: sp.Rational, kx: str, horizon: int) -> list[Step]:
+    """The sympy derivation, Bernoulli up to ``horizon``; ``k`` (LaTeX ``kx``) multiplies the bound."""
     steps = list(hybrid_steps())
     steps.append(
         Step(
@@ -162,14 +161,13 @@ def _derivation(scale: float, horizon: int) -> tuple[Step, ...]:
         )
     )
     steps.append(
-        Step(
+        conclusion(
             "combine: |J_mp − J| ≤ R_max D_TV(P_π, P_mp) ≤ R_max T (1 − Z_min)",
             rf"|J_{{mp}}-J| \le {kx} R_{{\max}}\, T\,(1-Z_{{\min}})",
-            proved=bern_ok and all(s.ok for s in steps),
-            method="chain of the steps above (each proved by sympy or stated as an assumption)",
+            steps,
         )
     )
-    return tuple(steps)
+    return steps
 
 
 def check_prop55(
@@ -200,7 +198,6 @@ def check_prop55(
     lo, hi = rho_range
     if not (0 < lo <= hi <= 1):
         raise ValueError(f"rho_range={rho_range!r} must satisfy 0 < lo ≤ hi ≤ 1 (e.g. (0.05, 0.3))")
-    steps = [replace(s) for s in _derivation(float(scale), horizon)]
     tree = TreePolicy(vocab=vocab, horizon=horizon)
     gen = seeded_generator(seed)
     seqs, idx = tree.sequences(), tree.state_index()  # (N, T) each
@@ -281,18 +278,14 @@ def check_prop55(
             abs(r["total_p"] - 1) <= tol and abs(r["total_q"] - 1) <= tol for r in rows
         ),
     }
-    return Check(
-        name="prop_5_5",
-        title="Proposition 5.5 — objective bias of pruning |J_mp − J| ≤ R_max T (1 − Z_min)",
-        statement=_statement(scale),
-        reconstructed=False,
-        steps=steps,
-        numeric=numeric,
-        criteria=criteria,
+    return STATEMENT.to_check(
+        scale,
+        _derivation(float(scale), horizon),
+        numeric,
+        criteria,
         notes=(
-            "As stated in THEORY.md (not a reconstruction). Exact enumeration of "
-            f"{tree.num_sequences} sequences per instance (|V| = {vocab}, T = {horizon}), fp32 log-probs from "
-            f"workbench.dvp summed in fp64; tolerance {tol:g}·R_max. Sharper, pruning-specific form proved and "
-            "checked: D_TV(P_π, P_mp) = 1 − E_{P_mp}[Π_t Z(s_t)] ≤ 1 − Z_min^T."
+            f"Exact enumeration of {tree.num_sequences} sequences per instance (|V| = {vocab}, T = {horizon}), "
+            f"fp32 log-probs from workbench.dvp summed in fp64; tolerance {tol:g}·R_max. Sharper, pruning-specific "
+            "form proved and checked: D_TV(P_π, P_mp) = 1 − E_{P_mp}[Π_t Z(s_t)] ≤ 1 − Z_min^T."
         ),
     )

@@ -21,50 +21,47 @@ gradients by autograd through it, expectations in fp64.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import replace
 
 import sympy as sp
 import torch
 
 from workbench.dvp import token_logprobs
 from workbench.theory.core import (
-    RECONSTRUCTED_NOTE,
-    RECONSTRUCTED_TEX,
     Check,
+    Statement,
     Step,
     TreePolicy,
     all_ok,
+    conclusion,
     is_zero,
     prove_nonnegative,
     prove_nonnegative_halfline,
     scale_prefix,
+    scaled_derivation,
     seeded_generator,
-    to_rational,
     validate_scale,
 )
 from workbench.theory.prop55 import hybrid_steps
 
 __all__ = ["check_thm41"]
 
-STATEMENT = (
-    r"g(y)=R(y)\sum_t\nabla\log\pi(y_t|s_t):\qquad "
-    r"\mathbb E_\mu[g]-\mathbb E_\pi[g] = {k}\,\mathbb E_{y\sim\mu}\big[(1-e^{-S(y)})\,g(y)\big] \\"
-    r"\|\mathrm{bias}\| \le {k}\sup\|g\|\;\mathbb E_\mu|1-e^{-S}| = {k}\,2\sup\|g\|\,D_{TV}(\mu,\pi),\quad "
-    r"D_{TV} \le {k}\,T\Delta_{\max},\quad \sup\|g\| = O(T)\ \Rightarrow\ O(T^2\Delta_{\max})"
+STATEMENT = Statement(
+    name="thm_4_1",
+    title="Theorem 4.1 (reconstructed) — gradient bias from mismatch",
+    latex=(
+        r"g(y)=R(y)\sum_t\nabla\log\pi(y_t|s_t):\qquad "
+        r"\mathbb E_\mu[g]-\mathbb E_\pi[g] = {k}\,\mathbb E_{y\sim\mu}\big[(1-e^{-S(y)})\,g(y)\big] \\"
+        r"\|\mathrm{bias}\| \le {k}\sup\|g\|\;\mathbb E_\mu|1-e^{-S}| = {k}\,2\sup\|g\|\,D_{TV}(\mu,\pi),\quad "
+        r"D_{TV} \le {k}\,T\Delta_{\max},\quad \sup\|g\| = O(T)\ \Rightarrow\ O(T^2\Delta_{\max})"
+    ),
+    reconstructed=True,
 )
 
 
-def _statement(scale: float) -> str:
-    k = scale_prefix(to_rational(scale))
-    return STATEMENT.replace("{k}", k) + RECONSTRUCTED_TEX
-
-
-@functools.lru_cache(maxsize=8)
-def _derivation(scale: float) -> tuple[Step, ...]:
-    k = to_rational(scale)
-    kx = scale_prefix(k)  # LaTeX factor: "" as written
+@scaled_derivation
+def _derivation(k: sp.Rational, kx: str) -> list[Step]:
+    """The sympy derivation; ``k`` (LaTeX ``kx``) multiplies every claimed right-hand side."""
     steps: list[Step] = []
 
     # 1. the identity on every sequence of a T = 2, |V| = 2 autoregressive space
@@ -152,14 +149,13 @@ def _derivation(scale: float) -> tuple[Step, ...]:
         )
     )
     steps.append(
-        Step(
+        conclusion(
             "combine: ‖bias‖ ≤ 2 sup‖g‖ D_TV ≤ 2√2 R_max T² Δ_max",
             r"\|\mathrm{bias}\| \le 2\sqrt2\,R_{\max}\,T^2\,\Delta_{\max} = O(T^2\Delta_{\max})",
-            proved=all(s.ok for s in steps),
-            method="chain of the steps above (each proved by sympy or stated as an assumption)",
+            steps,
         )
     )
-    return tuple(steps)
+    return steps
 
 
 def check_thm41(
@@ -189,7 +185,6 @@ def check_thm41(
         residual and the largest ratios of ‖bias‖ to each bound.
     """
     validate_scale(scale)
-    steps = [replace(s) for s in _derivation(float(scale))]
     tree = TreePolicy(vocab=vocab, horizon=horizon)
     gen = seeded_generator(seed)
     seqs, idx = tree.sequences(), tree.state_index()  # (N, T) each
@@ -274,15 +269,11 @@ def check_thm41(
             r["sup_g"] <= scale * math.sqrt(2) * r_max * T * (1 + tol) for r in rows
         ),
     }
-    return Check(
-        name="thm_4_1",
-        title="Theorem 4.1 (reconstructed) — gradient bias from mismatch",
-        statement=_statement(scale),
-        reconstructed=True,
-        steps=steps,
-        numeric=numeric,
-        criteria=criteria,
-        notes=RECONSTRUCTED_NOTE
-        + f" Exact enumeration of {tree.num_sequences} sequences (|V| = {vocab}, T = {horizon}) per instance; "
+    return STATEMENT.to_check(
+        scale,
+        _derivation(float(scale)),
+        numeric,
+        criteria,
+        notes=f"Exact enumeration of {tree.num_sequences} sequences (|V| = {vocab}, T = {horizon}) per instance; "
         "log-probs from workbench.dvp.token_logprobs (fp32), expectations in fp64.",
     )

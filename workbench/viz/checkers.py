@@ -31,12 +31,12 @@ checker                                lesson  reference
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from workbench.exercises import ExerciseFailure, Passed
+from workbench.exercises import ExerciseFailure, Passed, _call, _compare, _gen, _show, _tensor
 
 __all__ = [
     "check_boundary_tokens",
@@ -51,101 +51,8 @@ __all__ = [
     "check_token_mis",
 ]
 
-Diagnoses = Sequence[tuple[torch.Tensor | None, str]]
-
-
 # ----------------------------------------------------------------------------------------------------
-# shared machinery
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _show(x: torch.Tensor) -> str:
-    if x.numel() <= 12:
-        items = (f"{v:.6g}" if isinstance(v, float) else str(v) for v in x.flatten().tolist())
-        return "[" + ", ".join(items) + "]"
-    return f"tensor of shape {tuple(x.shape)}"
-
-
-def _call(fn: Callable[..., Any], name: str, case: str, *args: Any) -> Any:
-    if not callable(fn):
-        raise ExerciseFailure(
-            f"{name}: expected a function, got {type(fn).__name__}; pass the function itself"
-        )
-    try:
-        return fn(*args)
-    except ExerciseFailure:
-        raise
-    except Exception as err:  # the learner's bug, reported with its case
-        raise ExerciseFailure(
-            f"{name}: your function raised {type(err).__name__}: {err}\n  on case: {case}"
-        ) from err
-
-
-def _as_tensor(value: Any, name: str, case: str, what: str, shape: Sequence[int]) -> torch.Tensor:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and tuple(shape) == ():
-        value = torch.tensor(float(value))
-    if not isinstance(value, torch.Tensor):
-        raise ExerciseFailure(
-            f"{name}: {what} should be a torch.Tensor of shape {tuple(shape)}, got {type(value).__name__}\n"
-            f"  on case: {case}"
-        )
-    if tuple(value.shape) != tuple(shape):
-        raise ExerciseFailure(
-            f"{name}: {what} has shape {tuple(value.shape)}, expected {tuple(shape)}\n  on case: {case}"
-        )
-    return value
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
-    a, b = a.double(), b.double()
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    near = torch.zeros_like(finite)
-    near[finite] = (a[finite] - b[finite]).abs() <= atol + rtol * b[finite].abs()
-    return near | (torch.isnan(a) & torch.isnan(b)) | (torch.isinf(a) & (a == b))
-
-
-def _compare(
-    name: str,
-    case: str,
-    got: torch.Tensor,
-    expected: torch.Tensor,
-    *,
-    what: str = "the result",
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
-    diagnoses: Diagnoses = (),
-    hint: str = "",
-) -> None:
-    """Fail unless ``got ≈ expected``; report the first mismatch and the first diagnosis ``got`` matches."""
-    got, expected = got.detach().double(), expected.detach().double()
-    ok = _close(got, expected, atol, rtol)
-    if bool(ok.all()):
-        return
-    bad = (~ok).flatten().nonzero().flatten()
-    i = int(bad[0])
-    lines = [
-        f"{name}: {what} is wrong ({len(bad)} of {got.numel()} entries differ)",
-        f"  on case:  {case}",
-        f"  expected: {_show(expected)}",
-        f"  got:      {_show(got)}",
-        f"  first mismatch at flat index {i}: expected {expected.flatten()[i].item():.6g}, "
-        f"got {got.flatten()[i].item():.6g}",
-    ]
-    for candidate, slip in diagnoses:
-        if (
-            candidate is not None
-            and candidate.shape == got.shape
-            and bool(_close(got, candidate, atol, rtol).all())
-        ):
-            lines.append(f"  likely slip: {slip}")
-            break
-    else:
-        if hint:
-            lines.append(f"  hint: {hint}")
-    raise ExerciseFailure("\n".join(lines))
+# case generators
 
 
 def _logp_pair(seed: int, b: int = 4, t: int = 6, spread: float = 1.5) -> tuple[torch.Tensor, ...]:
@@ -191,8 +98,8 @@ def check_token_mis(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Pas
             raise ExerciseFailure(
                 f"{name}: return a pair (weights, keep), got {type(out).__name__}\n  on case: {case}"
             )
-        weights = _as_tensor(out[0], name, case, "weights", lt.shape)
-        keep = _as_tensor(out[1], name, case, "keep", lt.shape)
+        weights = _tensor(out[0], name, case, "weights", lt.shape)
+        keep = _tensor(out[1], name, case, "keep", lt.shape)
         ref = importance_weights(lt, li, mask, "token_mis", lo=lo, hi=hi, veto=None)
         r = torch.exp(lt.double() - li.double())
         inverse = torch.exp(li.double() - lt.double())
@@ -243,7 +150,7 @@ def check_pg_loss(fn: Callable[..., torch.Tensor]) -> Passed:
         case = f"seed {seed}, B×T = {tuple(lt.shape)}, kept tokens {int(keep.sum())}"
         logp = lt.clone().requires_grad_(True)
         loss = _call(fn, name, case, logp, adv.clone(), keep.clone(), weights.clone())
-        loss = _as_tensor(loss, name, case, "the loss", ())
+        loss = _tensor(loss, name, case, "the loss", (), detach=False)
         ref_logp = lt.clone().requires_grad_(True)
         ref, _ = policy_loss(ref_logp, adv, keep, weights, agg="token_mean", loss_type="pg")
         per_tok = -(weights * adv[:, None] * lt) * keep
@@ -295,7 +202,7 @@ def check_max_safe_rho(fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> Passe
     cases.append((z, z.argmax(-1)))  # only argmaxes needed: ρ = 1
     for z, needed in cases:
         case = f"logits {tuple(z.shape)}, needed={needed.tolist()}"
-        got = _as_tensor(_call(fn, name, case, z.clone(), needed.clone()), name, case, "ρ", ()).double()
+        got = _tensor(_call(fn, name, case, z.clone(), needed.clone()), name, case, "ρ", ())
         gap = z.double().gather(-1, needed[:, None]).squeeze(-1) - z.double().amax(-1)  # (R,) ≤ 0
         expected = gap.min().exp()
         probs = torch.softmax(z.double(), -1).gather(-1, needed[:, None]).squeeze(-1)
@@ -343,14 +250,14 @@ def check_safe_set_overlap(fn: Callable[[torch.Tensor, torch.Tensor, float], tor
     cases = [(*_engine_pair(s), rho) for s, rho in ((0, 1e-2), (1, 1e-4), (2, math.exp(-13)))]
     for zt, ze, rho in cases:
         case = f"logits {tuple(zt.shape)}, rho={rho:.3g}"
-        got = _as_tensor(
+        got = _tensor(
             _call(fn, name, case, zt.clone(), ze.clone(), rho), name, case, "the overlap", zt.shape[:1]
         )
         expected = safe_set_overlap(zt, ze, rho)
         st, se = safe_mask(zt, rho), safe_mask(ze, rho)
         inter = (st & se).sum(-1).double()
         _compare(
-            name, case, got, expected,
+            name, case, got, expected, what="the result",
             diagnoses=[
                 (inter / se.sum(-1), "you divided by |V'_S| (the engine's set): that is the engine-side view; "
                  "the trainer-side overlap divides by |V_S|"),
@@ -391,7 +298,7 @@ def check_boundary_tokens(fn: Callable[[torch.Tensor, torch.Tensor, float], torc
     cases.append((zt, tokens, rho))
     for zt, tokens, rho in cases:
         case = f"logits {tuple(zt.shape)}, tokens={tokens.tolist()}, rho={rho:g}"
-        got = _as_tensor(
+        got = _tensor(
             _call(fn, name, case, zt.clone(), tokens.clone(), rho), name, case, "the flags", tokens.shape
         )
         expected = boundary_tokens(zt, tokens, rho)
@@ -428,12 +335,12 @@ def check_envelope_eps(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     cases.append((zt, zt + 3.0))  # a pure shift: ε = 0
     for zt, ze in cases:
         case = f"logits {tuple(zt.shape)}"
-        got = _as_tensor(_call(fn, name, case, zt.clone(), ze.clone()), name, case, "ε", zt.shape[:1])
+        got = _tensor(_call(fn, name, case, zt.clone(), ze.clone()), name, case, "ε", zt.shape[:1])
         rows = torch.ones(zt.shape[0], dtype=torch.bool)
         _, expected, _ = envelope_terms(zt, ze, zt.argmax(-1), rows)
         delta = (ze - zt).double()
         _compare(
-            name, case, got, expected,
+            name, case, got, expected, what="the result",
             diagnoses=[
                 (delta.abs().amax(-1), "max |δ| ignores that softmax is shift-invariant: subtract the best "
                  "constant first (ε = ½(max δ − min δ))"),
@@ -473,12 +380,12 @@ def check_processed_log_ratio(fn: Callable[..., torch.Tensor]) -> Passed:
         tokens = torch.multinomial(both.float(), 1, generator=g).squeeze(-1)  # (R,)
         lp_engine = logp_e.gather(-1, tokens[:, None]).squeeze(-1)  # (R,)
         case = f"logits {tuple(zt.shape)}, rho={rho:g}"
-        got = _as_tensor(_call(fn, name, case, zt.clone(), tokens.clone(), rho, lp_engine.clone()), name, case,
-                         "log r", tokens.shape)  # fmt: skip
+        got = _tensor(_call(fn, name, case, zt.clone(), tokens.clone(), rho, lp_engine.clone()), name, case,
+                     "log r", tokens.shape)  # fmt: skip
         expected = token_logprobs(zt, tokens, rho) - lp_engine
         full = torch.log_softmax(zt, -1).gather(-1, tokens[:, None]).squeeze(-1) - lp_engine
         _compare(
-            name, case, got, expected,
+            name, case, got, expected, what="the result",
             diagnoses=[
                 (full, "you scored the token with the full-vocabulary log π: against processed log-probs that "
                  "adds log Z (≤ 0) to every ratio; prune the trainer with the same ρ (dvp.token_logprobs)"),
@@ -514,15 +421,13 @@ def check_grpo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
     ]
     for rewards, k in cases:
         case = f"rewards={_show(rewards)}, k={k}"
-        got = _as_tensor(
-            _call(fn, name, case, rewards.clone(), k), name, case, "the advantages", rewards.shape
-        )
+        got = _tensor(_call(fn, name, case, rewards.clone(), k), name, case, "the advantages", rewards.shape)
         expected = grpo_advantages(rewards, k)
         grp = rewards.double().view(-1, k)
         centred = grp - grp.mean(1, keepdim=True)
         pop = (centred / (grp.std(1, unbiased=False, keepdim=True) + 1e-6)).reshape(-1)
         _compare(
-            name, case, got, expected, atol=1e-4,
+            name, case, got, expected, what="the result", atol=1e-4,
             diagnoses=[
                 (pop, "you used the population std (÷k); GRPO (TRL, verl) uses the unbiased std (÷(k−1))"),
                 (centred.reshape(-1), "not scaled: divide the centred reward by the group's std (+ 1e-6)"),
@@ -552,8 +457,8 @@ def check_ppo_clip_loss(fn: Callable[..., torch.Tensor]) -> Passed:
         adv = torch.randn(lt.shape[0], generator=g)  # (B,)
         case = f"seed {seed}, clip_eps={eps}"
         logp = lt.clone().requires_grad_(True)
-        loss = _as_tensor(_call(fn, name, case, logp, li.clone(), adv.clone(), mask.clone(), eps), name, case,
-                          "the loss", ())  # fmt: skip
+        loss = _tensor(_call(fn, name, case, logp, li.clone(), adv.clone(), mask.clone(), eps), name, case,
+                      "the loss", (), detach=False)  # fmt: skip
         ref_logp = lt.clone().requires_grad_(True)
         ref, _ = policy_loss(
             ref_logp, adv, mask, None, agg="token_mean", loss_type="ppo_clip", logp_old=li, clip_eps=eps
@@ -597,14 +502,12 @@ def check_entropy_scaled_log_rho(fn: Callable[[torch.Tensor, float, float], torc
     cases = [(_logits(0), -13.0, 0.5), (_logits(1, scale=0.5), -13.0, 0.2), (_logits(2), -5.0, 0.0)]
     for z, log_rho, kappa in cases:
         case = f"logits {tuple(z.shape)}, log_rho0={log_rho}, kappa={kappa}"
-        got = _as_tensor(
-            _call(fn, name, case, z.clone(), log_rho, kappa), name, case, "log ρ(s)", z.shape[:1]
-        )
+        got = _tensor(_call(fn, name, case, z.clone(), log_rho, kappa), name, case, "log ρ(s)", z.shape[:1])
         _, expected = entropy_scaled_safe_mask(z, log_rho, kappa)
         logp = torch.log_softmax(z.double(), -1)
         h = -(logp.exp() * logp).sum(-1)
         _compare(
-            name, case, got, expected, atol=1e-4,
+            name, case, got, expected, what="the result", atol=1e-4,
             diagnoses=[
                 (log_rho * (1 + kappa * h / math.log(2)), "entropy in bits; use nats (natural log)"),
                 (log_rho * (1 - kappa * h), "the sign: uncertain states cut *deeper* (log ρ more negative)"),

@@ -703,84 +703,36 @@ def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
         column_widths=[0.58, 0.42],
         subplot_titles=("mean Δ by trainer probability p", f"Δ of tail tokens (p < {data['tail_p']:.0e})"),
     )
-    fig.add_trace(
-        go.Scatter(
-            x=labels,
-            y=_finite_or_none(data["cond"]),
-            error_y={"type": "data", "array": _finite_or_none(data["cond_ci"]), "visible": True},
-            mode="markers+lines",
-            name="E[Δ | engine sampled a] (Monte Carlo, 95% CI)",
-            line={"color": _COLORS[1]},
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=labels,
-            y=_finite_or_none(data["theory_digest"]),
-            mode="lines",
-            name="σ²(1 − p) (THEORY.md)",
-            line={"color": _COLORS[1], "dash": "dot"},
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=labels,
-            y=_finite_or_none(data["theory_second_order"]),
-            mode="lines",
-            name="σ²(½ − 2p + 3/2·Σp²) (2nd order)",
-            line={"color": _COLORS[3], "dash": "dash"},
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=labels,
-            y=_finite_or_none(data["uncond"]),
-            mode="markers+lines",
-            name="E[Δ] for any token (Monte Carlo)",
-            line={"color": _COLORS[0]},
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=labels,
-            y=_finite_or_none(data["theory_uncond"]),
-            mode="lines",
-            name="−(σ²/2)(1 − Σp²)",
-            line={"color": _COLORS[0], "dash": "dot"},
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Bar(
-            x=data["hist_centers"],
-            y=data["hist_cond"],
-            name="tail token the engine sampled",
-            marker={"color": _COLORS[1]},
-            opacity=0.6,
-        ),
-        row=1,
-        col=2,
-    )
-    fig.add_trace(
-        go.Bar(
-            x=data["hist_centers"],
-            y=data["hist_uncond"],
-            name="any tail token",
-            marker={"color": _COLORS[0]},
-            opacity=0.6,
-        ),
-        row=1,
-        col=2,
-    )
+    ci = {"type": "data", "array": _finite_or_none(data["cond_ci"]), "visible": True}
+    # Monte Carlo curves (dash None: markers on a solid line), each followed by its theory curves (dashed)
+    for key, label, color, dash in (
+        ("cond", "E[Δ | engine sampled a] (Monte Carlo, 95% CI)", _COLORS[1], None),
+        ("theory_digest", "σ²(1 − p) (THEORY.md)", _COLORS[1], "dot"),
+        ("theory_second_order", "σ²(½ − 2p + 3/2·Σp²) (2nd order)", _COLORS[3], "dash"),
+        ("uncond", "E[Δ] for any token (Monte Carlo)", _COLORS[0], None),
+        ("theory_uncond", "−(σ²/2)(1 − Σp²)", _COLORS[0], "dot"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=labels,
+                y=_finite_or_none(data[key]),
+                error_y=ci if key == "cond" else None,
+                mode="lines" if dash else "markers+lines",
+                name=label,
+                line={"color": color, "dash": dash},
+            ),
+            row=1,
+            col=1,
+        )
+    for key, label, color in (
+        ("hist_cond", "tail token the engine sampled", _COLORS[1]),
+        ("hist_uncond", "any tail token", _COLORS[0]),
+    ):
+        fig.add_trace(
+            go.Bar(x=data["hist_centers"], y=data[key], name=label, marker={"color": color}, opacity=0.6),
+            row=1,
+            col=2,
+        )
     fig.add_hline(y=0, line={"color": "gray", "width": 1}, row=1, col=1)
     fig.update_yaxes(title_text="Δ = log μ(a) − log π(a)", row=1, col=1)
     fig.update_xaxes(title_text="bin of p = π(a)", row=1, col=1)
@@ -983,28 +935,21 @@ def accumulation_figure(
     for i, (label, rows) in enumerate((sampled_rows or {}).items()):
         color = _COLORS[(i + 1) % len(_COLORS)]
         ts = [r["T"] for r in rows]
-        fig.add_trace(
-            go.Scatter(
-                x=ts,
-                y=[r["mean_abs_weight"] for r in rows],
-                name=f"{label}: E|1 − e^(−S)| ≈ 2 D_TV",
-                mode="lines",
-                line={"color": color},
-            ),
-            row=1,
-            col=2,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=ts,
-                y=[r["frac_outside"] for r in rows],
-                name=f"{label}: share outside seq-MIS [0.5, 2]",
-                mode="lines",
-                line={"color": color, "dash": "dot"},
-            ),
-            row=1,
-            col=2,
-        )
+        for key, what, dash in (
+            ("mean_abs_weight", "E|1 − e^(−S)| ≈ 2 D_TV", None),
+            ("frac_outside", "share outside seq-MIS [0.5, 2]", "dot"),
+        ):
+            fig.add_trace(
+                go.Scatter(
+                    x=ts,
+                    y=[r[key] for r in rows],
+                    name=f"{label}: {what}",
+                    mode="lines",
+                    line={"color": color, "dash": dash},
+                ),
+                row=1,
+                col=2,
+            )
     fig.update_xaxes(title_text="response length T", row=1, col=2)
     fig.update_layout(
         template="plotly_white", height=460, legend={"orientation": "h", "y": -0.2}, margin={"t": 60, "b": 40}
