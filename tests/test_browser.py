@@ -164,7 +164,9 @@ def run_notebook_in_browser(notebook: Path, tmp_path: Path) -> dict[str, object]
                     240, "every code cell to finish (a failing cell stops Run All)",
                 )  # fmt: skip
                 seen["prompts"] = prompts
-                seen["buttons"] = page.locator(".widget-button").all_inner_texts()
+                # textContent, not innerText: JupyterLab skips rendering off-screen cells (content-visibility),
+                # and innerText of skipped content is empty.
+                seen["buttons"] = page.locator(".widget-button").all_text_contents()
                 seen["dropdowns"] = page.locator(".widget-dropdown").count()
                 seen["sliders"] = page.locator(".widget-hslider").count()
                 seen["plots"] = page.locator(".js-plotly-plot").count()
