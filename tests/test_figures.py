@@ -53,6 +53,7 @@ def test_sweep_figure_plots_the_sweep_points_in_grid_order() -> None:
     ):
         res.runs[rho_label(rho)] = [_run(rho, s, r, k3) for s, r in enumerate(rewards)]
     points = res.points()
+    assert [p["label"] for p in points] == ["1e-02", "e^-13", "none"]  # ρ order, whatever the grid's order
     fig = sweep_figure(points, title="t")
     reward, k3, pruned, tails = fig.data
     assert list(reward.x) == ["1e-02", "e^-13", "none"]
@@ -217,3 +218,18 @@ def test_sweep_points_take_the_last_measured_clean_eval_reward() -> None:
     assert pts["1e-04"]["eval_final_mean"] == pytest.approx(0.8) and pts["none"]["eval_final_mean"] == 0.5
     assert pts["1e-04"]["eval_final_std"] == pytest.approx(math.sqrt(0.02))
     assert res.to_dict()["u_shape_eval"]["best"] == "1e-04"  # the sampled reward is flat: no best there
+
+
+def test_load_sweep_round_trips_the_runs_and_recomputes_the_points(tmp_path) -> None:
+    from workbench.experiments.sweep import load_sweep
+
+    res = SweepResults("floor", [None, 1e-2], [0, 1], 8, command="cmd")
+    for rho, reward in ((1e-2, 0.7), (None, 0.4)):
+        res.runs[rho_label(rho)] = [_run(rho, s, reward + 0.1 * s, 1e-3) for s in (0, 1)]
+    res.save(str(tmp_path))
+    back = load_sweep(tmp_path)
+    assert back.command == "cmd" and back.steps == 8 and list(back.runs) == list(res.runs)
+    for a, b in zip(back.points(), res.points(), strict=True):
+        assert a["label"] == b["label"] and a["reward_final_mean"] == pytest.approx(b["reward_final_mean"])
+    with pytest.raises(ValueError, match="run the experiment first"):
+        load_sweep(tmp_path / "missing")

@@ -325,30 +325,40 @@ def _tail_mean(xs: Sequence[float], frac: float = 0.25) -> float:
     return statistics.fmean(vals) if vals else math.nan
 
 
-def load_results(path: str | os.PathLike[str]) -> ArmResults:
-    """Read a ``results.json`` (or the directory holding it) written by :meth:`ArmResults.save`."""
+def read_json(path: str | os.PathLike[str], default_name: str) -> dict[str, Any]:
+    """An experiment's JSON file (``path`` or ``path/default_name``), with errors that say how to get it."""
     p = Path(path)
     if p.is_dir():
-        p = p / "results.json"
+        p = p / default_name
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
         raise ValueError(f"{p} does not exist; run the experiment first (see results/README.md)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p} is not valid JSON ({e}); re-run the experiment that wrote it") from None
-    runs = [
-        RunResult(
-            scenario=r["scenario"],
-            arm=r["arm"],
-            seed=int(r["seed"]),
-            config=r["config"],
-            history=[{k: _from_json_float(v) for k, v in row.items()} for row in r["history"]],
-            seconds=float(r["seconds"]),
-            verdict=r.get("verdict"),
-            verdict_eval=r.get("verdict_eval"),
-        )
-        for r in data["runs"]
-    ]
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} holds a JSON {type(data).__name__}, not an experiment's object; re-run it")
+    return data
+
+
+def run_from_dict(r: Mapping[str, Any]) -> RunResult:
+    """Inverse of :meth:`RunResult.to_dict` (JSON nulls back to nan)."""
+    return RunResult(
+        scenario=r["scenario"],
+        arm=r["arm"],
+        seed=int(r["seed"]),
+        config=r["config"],
+        history=[{k: _from_json_float(v) for k, v in row.items()} for row in r["history"]],
+        seconds=float(r["seconds"]),
+        verdict=r.get("verdict"),
+        verdict_eval=r.get("verdict_eval"),
+    )
+
+
+def load_results(path: str | os.PathLike[str]) -> ArmResults:
+    """Read a ``results.json`` (or the directory holding it) written by :meth:`ArmResults.save`."""
+    data = read_json(path, "results.json")
+    runs = [run_from_dict(r) for r in data["runs"]]
     return ArmResults(
         scenario=data["scenario"],
         arms=list(data["arms"]),

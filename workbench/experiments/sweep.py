@@ -9,14 +9,23 @@ prunes tokens the policy needs (bias, Prop 5.5), a tiny ρ lets the tail back in
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.experiments.runner import RunResult, _tail_mean, atomic_write_json, atomic_write_text, run_one
+from workbench.experiments.runner import (
+    RunResult,
+    _tail_mean,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    run_from_dict,
+    run_one,
+)
 
-__all__ = ["SWEEP_RHOS", "SweepResults", "rho_label", "rho_sweep", "u_shape"]
+__all__ = ["SWEEP_RHOS", "SweepResults", "load_sweep", "rho_label", "rho_sweep", "u_shape"]
 
 #: The issue's grid: {1e-2, 1e-4, 1e-6, 1e-8, 1e-10, e^-13, 1e-16} and no pruning.
 SWEEP_RHOS: tuple[float | None, ...] = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10, math.exp(-13), 1e-16, None)
@@ -48,9 +57,10 @@ class SweepResults:
     command: str = ""
 
     def points(self) -> list[dict[str, Any]]:
-        """Per ρ: mean ± std over seeds of the final reward, final k3, final 1 − Z, tail draws."""
+        """Per ρ, largest first and no pruning last (the order :func:`u_shape` reads): mean ± std over seeds of
+        the final sampled and clean-eval reward, final k1/k3, final 1 − Z, tail draws."""
         out = []
-        for rho in self.rhos:
+        for rho in sorted(self.rhos, key=lambda r: (r is None, -(r or 0.0))):
             runs = self.runs.get(rho_label(rho), [])
             if not runs:
                 continue
@@ -114,6 +124,23 @@ class SweepResults:
         for p in self.points():
             lines.append(",".join(str(p[c]) if isinstance(p[c], (str, int)) else f"{p[c]:.6g}" for c in cols))
         atomic_write_text(out / "sweep.csv", "\n".join(lines) + "\n")
+
+
+def load_sweep(path: str | os.PathLike[str]) -> SweepResults:
+    """Read a ``sweep.json`` (or the directory holding it) written by :meth:`SweepResults.save`.
+
+    The summary is recomputed from the runs, so a sweep saved by an older version reads with today's
+    :meth:`SweepResults.points` (ρ order, clean-eval columns).
+    """
+    data = read_json(path, "sweep.json")
+    return SweepResults(
+        scenario=data["scenario"],
+        rhos=list(data["rhos"]),
+        seeds=[int(s) for s in data["seeds"]],
+        steps=int(data["steps"]),
+        runs={label: [run_from_dict(r) for r in runs] for label, runs in data["runs"].items()},
+        command=data.get("command", ""),
+    )
 
 
 def _last_finite(xs: Sequence[float]) -> float:
