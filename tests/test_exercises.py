@@ -129,6 +129,8 @@ def test_delta_by_bin_checker_diagnoses_signed_means() -> None:
         return [float(d[i == j].mean()) if bool((i == j).any()) else math.nan for j in range(len(edges) - 1)]
 
     _fails(ex.check_delta_by_bin, signed, "mean of Δ")
+    # A list whose entries are not numbers is the learner's slip, reported as such (not a ValueError).
+    _fails(ex.check_delta_by_bin, lambda lt, li, m, edges: [torch.zeros(2)] * (len(edges) - 1), "bin 0")
 
 
 def test_prop42_checkers_diagnose_slips() -> None:

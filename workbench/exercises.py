@@ -423,7 +423,7 @@ def check_delta_by_bin(
     for case, edges in cases:
         out = _call(fn, name, case, lt.clone(), li.clone(), mask.clone(), edges)
         if isinstance(out, (list, tuple)):
-            out = torch.tensor([float(v) for v in out])
+            out = torch.tensor([_float(v, name, case, f"bin {i}'s mean |Δ|") for i, v in enumerate(out)])
         got = _tensor(out, name, case, "the per-bin mean |Δ|", (len(edges) - 1,))
         expected = torch.tensor([b["mean_abs_delta"] for b in delta_by_prob_bin(lt, li, mask, edges)])
         pe, dd = p[mask].double(), (li - lt)[mask].double()
