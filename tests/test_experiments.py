@@ -332,14 +332,25 @@ def test_safe_sets_agree_without_perturbation() -> None:
     assert ov.overlap_mean >= 0.99, ov
 
 
-def test_merge_results_joins_seeds_and_refuses_mismatched_parts() -> None:
+def test_merge_results_joins_seeds_and_arms_and_refuses_mismatched_parts() -> None:
+    import dataclasses
+
     from workbench.experiments.runner import merge_results
 
     a, b = _fake_results(), _fake_results()
-    b.seeds = [5]
-    b.command = "other"
+    b.seeds, b.command = [5, 6], "other"
+    b.runs = [dataclasses.replace(r, seed=r.seed + 5) for r in b.runs]
     merged = merge_results([a, b])
-    assert merged.seeds == [0, 1, 5] and len(merged.runs) == 8 and merged.command == "pytest && other"
+    assert merged.seeds == [0, 1, 5, 6] and len(merged.runs) == 8 and merged.command == "pytest && other"
+    # Extra arms run later without a reference join the same seeds and are judged against the reference.
+    extra = _fake_results()
+    extra.arms, extra.reference = ["late"], None
+    extra.runs = [dataclasses.replace(r, arm="late", verdict=None) for r in extra.runs if r.arm == "naive"]
+    both = merge_results([a, extra])
+    assert both.arms == [*a.arms, "late"] and both.reference == a.reference
+    assert all(r.verdict is not None for r in both.runs if r.arm == "late")
+    with pytest.raises(ValueError, match="more than one part"):
+        merge_results([a, a])
     b.steps = 99
     with pytest.raises(ValueError, match="cannot merge"):
         merge_results([a, b])

@@ -374,39 +374,53 @@ def load_results(path: str | os.PathLike[str]) -> ArmResults:
 
 
 def merge_results(parts: Sequence[ArmResults]) -> ArmResults:
-    """One :class:`ArmResults` from several runs of the *same* scenario and arms (e.g. one process per seed).
+    """One :class:`ArmResults` from runs of the *same* scenario made in several processes (more seeds, more arms).
 
-    Commands are joined with ``" && "``; the load average is the largest seen.
+    Scenario, steps, QUICK and overrides must match; arms and seeds are joined in order; a part run without a
+    reference (``reference=None``, e.g. extra arms added later) takes the others'. Verdicts are recomputed
+    against the reference when it has a run on every seed. Commands are joined with ``" && "``; the load
+    average is the largest seen.
     """
     if not parts:
         raise ValueError("parts is empty; pass at least one ArmResults")
     first = parts[0]
+    refs = {p.reference for p in parts if p.reference is not None}
     for p in parts[1:]:
-        if (p.scenario, p.arms, p.steps, p.quick, p.reference, p.overrides) != (
+        if (p.scenario, p.steps, p.quick, p.overrides) != (
             first.scenario,
-            first.arms,
             first.steps,
             first.quick,
-            first.reference,
             first.overrides,
         ):
             raise ValueError(
-                f"cannot merge results of {p.scenario}/{p.arms}/{p.steps} steps into "
-                f"{first.scenario}/{first.arms}/{first.steps} steps: scenario, arms, steps, reference and "
+                f"cannot merge results of {p.scenario}/{p.steps} steps/overrides {p.overrides} into "
+                f"{first.scenario}/{first.steps} steps/overrides {first.overrides}: scenario, steps, QUICK and "
                 "overrides must match"
             )
-    return ArmResults(
+    if len(refs) > 1:
+        raise ValueError(f"cannot merge results judged against different references {sorted(refs)}")
+    names = [r.name for p in parts for r in p.runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(
+            f"cannot merge: runs {dupes} appear in more than one part (one run per arm and seed)"
+        )
+    merged = ArmResults(
         scenario=first.scenario,
-        arms=list(first.arms),
-        seeds=[s for p in parts for s in p.seeds],
+        arms=list(dict.fromkeys(a for p in parts for a in p.arms)),
+        seeds=list(dict.fromkeys(s for p in parts for s in p.seeds)),
         steps=first.steps,
         quick=first.quick,
         runs=[r for p in parts for r in p.runs],
-        reference=first.reference,
+        reference=next(iter(refs), None),
         command=" && ".join(p.command for p in parts),
         overrides=dict(first.overrides),
         load_avg=max((p.load_avg for p in parts if math.isfinite(p.load_avg)), default=math.nan),
     )
+    have_ref = {r.seed for r in merged.runs if r.arm == merged.reference}
+    if merged.reference is not None and have_ref >= {r.seed for r in merged.runs}:
+        rejudge(merged)
+    return merged
 
 
 def run_one(
