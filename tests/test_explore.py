@@ -329,3 +329,22 @@ def test_positive_mode_and_safe_set_explorers_redraw() -> None:
     )
     with pytest.raises(ValueError, match="position"):
         ex.SafeSetExplorer(z, position=3)
+
+
+def test_figure_switcher_redraws_on_control_change_and_replaces_a_different_trace_set() -> None:
+    import ipywidgets as widgets
+    import plotly.graph_objects as go
+
+    def make(n: int, title: str) -> go.Figure:
+        return go.Figure([go.Scatter(x=[0, 1], y=[i, i + n]) for i in range(n)], layout={"title": title})
+
+    n, title = widgets.IntSlider(value=2, min=1, max=4), widgets.Dropdown(options=["a", "b"], value="a")
+    sw = ex.FigureSwitcher(make, n=n, title=title)
+    assert len(sw.figure.data) == 2 and sw.figure.layout.title.text == "a"
+    title.value = "b"  # same traces: updated in place
+    assert sw.figure.layout.title.text == "b" and len(sw.figure.data) == 2
+    n.value = 3  # three traces now: replaced
+    assert [tuple(t.y) for t in sw.figure.data] == [(0, 3), (1, 4), (2, 5)]
+    assert isinstance(sw.widget(), widgets.VBox) and len(sw.static_figure().data) == 2  # defaults stay static
+    with pytest.raises(ValueError, match="at least one control"):
+        ex.FigureSwitcher(make)

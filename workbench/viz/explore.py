@@ -42,6 +42,7 @@ from workbench import dvp, metrics
 __all__ = [
     "EnvelopeExplorer",
     "Explorer",
+    "FigureSwitcher",
     "PolicySample",
     "PositiveModeExplorer",
     "SafeSetExplorer",
@@ -1225,11 +1226,15 @@ class Explorer:
         self.params.update(params)
         new = self.figure_for(**self.params)
         with self.figure.batch_update():
-            for old, fresh in zip(self.figure.data, new.data):
-                payload = fresh.to_plotly_json()
-                for key in ("type", "uid"):
-                    payload.pop(key, None)
-                old.update(payload, overwrite=True)
+            if [t.type for t in self.figure.data] == [t.type for t in new.data]:
+                for old, fresh in zip(self.figure.data, new.data):  # same traces: update in place
+                    payload = fresh.to_plotly_json()
+                    for key in ("type", "uid"):
+                        payload.pop(key, None)
+                    old.update(payload, overwrite=True)
+            else:  # a different set of traces (e.g. more runs selected): replace them
+                self.figure.data = ()
+                self.figure.add_traces(list(new.data))
             self.figure.layout.title = new.layout.title
             self.figure.layout.shapes = new.layout.shapes
             self.figure.layout.annotations = new.layout.annotations
@@ -1244,6 +1249,33 @@ class Explorer:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget()._repr_mimebundle_(**kwargs)
+
+
+class FigureSwitcher(Explorer):
+    """Any figure builder behind ipywidgets controls, redrawn in place — this project's ``interact``.
+
+    ``FigureSwitcher(lambda loss: training_figure(runs[loss]), loss=widgets.ToggleButtons(options=[...]))`` shows
+    the controls above one ``FigureWidget`` and rebuilds the figure whenever a control's value changes.
+    ``ipywidgets.interact`` would render into an ``Output`` widget instead, whose state nbclient (behind nbmake
+    and papermill) sends back on the kernel's shell socket while it is waiting there for the cell's reply; that
+    race can stall a headless run until the cell times out (jupyter/nbclient#312).
+
+    Args:
+        make_figure: ``(**values) -> go.Figure``, called with one keyword per control.
+        **controls: ipywidgets value widgets (anything with ``.value`` and ``.observe``), by parameter name.
+    """
+
+    def __init__(self, make_figure: Callable[..., go.Figure], **controls: Any) -> None:
+        if not controls:
+            raise ValueError("FigureSwitcher needs at least one control, e.g. loss=widgets.ToggleButtons(...)")
+        self._make, self._given = make_figure, dict(controls)
+        super().__init__(**{name: control.value for name, control in controls.items()})
+
+    def figure_for(self, **params: Any) -> go.Figure:
+        return self._make(**params)
+
+    def _controls(self) -> dict[str, Any]:
+        return self._given
 
 
 class EnvelopeExplorer(Explorer):
