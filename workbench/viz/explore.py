@@ -1267,7 +1267,9 @@ class FigureSwitcher(Explorer):
 
     def __init__(self, make_figure: Callable[..., go.Figure], **controls: Any) -> None:
         if not controls:
-            raise ValueError("FigureSwitcher needs at least one control, e.g. loss=widgets.ToggleButtons(...)")
+            raise ValueError(
+                "FigureSwitcher needs at least one control, e.g. loss=widgets.ToggleButtons(...)"
+            )
         self._make, self._given = make_figure, dict(controls)
         super().__init__(**{name: control.value for name, control in controls.items()})
 
