@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from workbench.dvp import DEFAULT_RHO, MASK_MARGIN, safe_set_size, token_logprobs
+from workbench.memory import peak_bytes
 
 try:
     from trl.trainer.utils import selective_log_softmax
@@ -80,18 +80,6 @@ def make_inputs(
         u = torch.rand(block.shape, generator=g).clamp_(min=1e-20)  # Gumbel-max: tokens ~ softmax(logits)
         tflat[i : i + 64] = (block.float() - u.log_().neg_().log_()).argmax(-1)
     return logits, tokens
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of live torch CPU allocations inside ``fn`` (replays the profiler's alloc/free events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

@@ -13,7 +13,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from workbench import dvp
 from workbench.dvp import (
@@ -34,6 +33,7 @@ from workbench.dvp import (
     token_stats,
     validate_rho,
 )
+from workbench.memory import peak_bytes
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 RHOS = [None, DEFAULT_RHO, 0.05, 1.0]
@@ -350,18 +350,6 @@ def test_int32_tokens_and_int_temperature():
 
 # ----------------------------------------------------------------------------------------------------
 # memory: torch's CPU memory profiler sees every tensor allocation
-
-
-def peak_bytes(fn) -> int:
-    """Peak of live torch CPU allocations made inside fn (replays the profiler's alloc/free events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
