@@ -478,3 +478,29 @@ def test_rows_without_finite_max_raise(bad):
     ):
         with pytest.raises(ValueError, match=r"1 row\(s\) without a finite maximum"):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_token_in_safe_set_equals_the_gathered_safe_mask(dtype, temperature):
+    z = (make_logits((6, 9, 80), seed=31) * 6).to(dtype)
+    z[0, 0, :5] = z[0, 0].max()  # ties at the max
+    z[1, 2, 7] = -math.inf  # -inf entries are fine in a finite row
+    tok = make_tokens((6, 9), 80, seed=31)
+    tok[0, 0], tok[1, 2] = 3, 7
+    for rho in (1e-1, 1e-3, math.exp(-13), 1.0, None):
+        want = safe_mask(z, rho, temperature=temperature).gather(-1, tok[..., None]).squeeze(-1)
+        assert torch.equal(dvp.token_in_safe_set(z, tok, rho, temperature=temperature), want), rho
+
+
+def test_token_in_safe_set_skips_masked_rows_and_rejects_nonfinite_valid_rows():
+    z = make_logits((3, 10), seed=4)
+    z[1] = math.nan  # a padding row
+    tok = torch.tensor([0, 99, 2])  # padding may hold any id
+    valid = torch.tensor([True, False, True])
+    got = dvp.token_in_safe_set(z, tok, 1e-3, mask=valid)
+    assert bool(got[1]) and torch.equal(
+        got[[0, 2]], safe_mask(z[[0, 2]], 1e-3).gather(-1, tok[[0, 2], None]).squeeze(-1)
+    )
+    with pytest.raises(ValueError, match="without a finite maximum"):
+        dvp.token_in_safe_set(z, torch.tensor([0, 1, 2]), 1e-3)

@@ -71,6 +71,7 @@ __all__ = [
     "safe_mask_reference",
     "safe_set_size",
     "safe_set_size_reference",
+    "token_in_safe_set",
     "token_logprobs",
     "token_logprobs_reference",
     "token_stats",
@@ -536,6 +537,52 @@ def safe_mask(
     if n_bad:
         _raise_nonfinite(n_bad)
     return out
+
+
+@torch.no_grad()
+def token_in_safe_set(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rho: float | None,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Whether each given token lies in ``V_S``: ``safe_mask(logits, rho).gather(-1, tokens)`` without the mask.
+
+    Only the row max and the token's own logit are needed, so nothing of size ``[..., V]`` is allocated; the
+    arithmetic is the one :func:`safe_mask` does (upcast, divide by ``T``, subtract the max, compare with the
+    same rounded ``log ρ``), so the answer is bit-identical to it.
+
+    Args:
+        logits: ``[..., V]`` logits, any float dtype.
+        tokens: ``[...]`` integer token ids in ``[0, V)``.
+        rho: min-p threshold in (0, 1]; ``None`` keeps everything.
+        temperature: logits are divided by this first, as the sampler does.
+        mask: optional ``[...]`` bool; rows where it is False are reported True and not checked (padding
+            rows may hold NaN logits and any id).
+
+    Returns:
+        ``[...]`` bool.
+
+    >>> z = torch.tensor([[0.0, -1.0, -20.0], [3.0, 3.0, -9.0]])
+    >>> token_in_safe_set(z, torch.tensor([1, 2]), rho=1e-3)
+    tensor([ True, False])
+    """
+    _check_common(logits, rho, temperature, None)
+    ok = torch.ones(tokens.shape, dtype=torch.bool, device=logits.device) if mask is None else mask
+    if rho is None:
+        return torch.ones(tokens.shape, dtype=torch.bool, device=logits.device)
+    cdt = _compute_dtype(logits.dtype)
+    ids = torch.where(ok, tokens, 0).long()
+    m = logits.amax(-1).to(cdt)  # (...,) the max of the upcast values is the upcast of the max
+    z = logits.gather(-1, ids[..., None]).squeeze(-1).to(cdt)  # (...,)
+    if temperature != 1.0:  # x ↦ x / T is monotone, so max(z / T) = max(z) / T exactly
+        m, z = m / temperature, z / temperature
+    n_bad = int((~torch.isfinite(m) & ok).sum())
+    if n_bad:
+        _raise_nonfinite(n_bad)
+    return ((z - m) >= _log_rho(rho, cdt)) | ~ok
 
 
 def token_logprobs(

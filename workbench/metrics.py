@@ -36,7 +36,7 @@ from statistics import NormalDist
 
 import torch
 
-from workbench.dvp import DEFAULT_BLOCK_BYTES, TokenStats, safe_mask, validate_rho
+from workbench.dvp import DEFAULT_BLOCK_BYTES, TokenStats, safe_mask, token_in_safe_set, validate_rho
 
 __all__ = [
     "DEFAULT_LOG_CLAMP",
@@ -513,23 +513,22 @@ def boundary_tokens(
     rho: float | None,
     *,
     mask: torch.Tensor | None = None,
-    chunk_size: int | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Sampled tokens outside the trainer's safe set: the engine kept them, the trainer prunes them.
 
     A sampled token was inside the engine's safe set (it was sampled from ``μ^mp``), so a token outside
     the trainer's ``V_S`` marks a safe-set disagreement: its trainer log-prob under DVP sits near the mask
-    value, and the loss should mask or veto it (THEORY.md, Section 5). Uses :func:`workbench.dvp.safe_mask`,
-    so the cut is bit-identical to the one :func:`workbench.dvp.token_logprobs` applies.
+    value, and the loss should mask or veto it (THEORY.md, Section 5). Uses
+    :func:`workbench.dvp.token_in_safe_set` (the row max and the token's logit: no ``[..., V]`` mask), so the cut
+    is bit-identical to the one :func:`workbench.dvp.token_logprobs` applies.
 
     Args:
         logits_train: ``[..., V]`` trainer logits at the positions the tokens were sampled.
         tokens: ``[...]`` sampled token ids in ``[0, V)`` (integer tensor).
         rho: min-p threshold in (0, 1]; ``None`` means no pruning, so nothing is a boundary token.
         mask: optional ``[...]`` bool; positions where it is False are reported False, and neither their
-            token ids (padding may hold any id) nor their logits (may be NaN) are read.
-        chunk_size: rows per chunk; ``None`` sizes chunks like :mod:`workbench.dvp` (32 MiB fp32 blocks).
+            token ids (padding may hold any id) nor their logits (may be NaN) are used.
         temperature: logits are divided by this before the safe-set rule, as the sampler does.
 
     Returns:
@@ -540,7 +539,6 @@ def boundary_tokens(
     tensor([False,  True])
     """
     validate_rho(rho)
-    _check_chunk_size(chunk_size)
     _check_positive("temperature", temperature)
     _check_logits("logits_train", logits_train)
     lead, vocab, dev = logits_train.shape[:-1], logits_train.shape[-1], logits_train.device
@@ -553,24 +551,15 @@ def boundary_tokens(
             "pass one sampled id per logits row"
         )
     valid = torch.ones(lead, dtype=torch.bool, device=dev) if mask is None else _check_mask(mask, lead)
-    valid_flat = valid.reshape(-1)  # (N,)
-    ids = torch.where(valid, tokens, 0).reshape(-1).long()  # (N,) padding -> id 0
+    ids = torch.where(valid, tokens, 0).long()  # (...,) padding -> id 0
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = ids[(ids < 0) | (ids >= vocab)][0].item()
         raise ValueError(
             f"tokens contains id {bad} outside [0, {vocab}); pass mask= to skip padding ids, "
             "or check that tokenizer and logits share a vocabulary"
         )
-    out = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)  # (N,)
-    if rho is None:
-        return out.reshape(lead)
-    chunk = _rows_per_chunk(vocab, chunk_size)
-    for i, (z,) in _row_blocks((logits_train,), chunk):
-        c = z.shape[0]
-        ok = valid_flat[i : i + c]  # (c,)
-        m = safe_mask(_blank_invalid(z, ok), rho, temperature=temperature, chunk_size=chunk)  # (c, V) bool
-        out[i : i + c] = ~m.gather(-1, ids[i : i + c, None]).squeeze(-1) & ok
-    return out.reshape(lead)
+    inside = token_in_safe_set(logits_train, ids, rho, temperature=temperature, mask=valid)
+    return ~inside & valid
 
 
 # ----------------------------------------------------------------------------------------------------

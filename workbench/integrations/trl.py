@@ -317,13 +317,7 @@ class DVPGRPOTrainer(GRPOTrainer):
             )
             with torch.no_grad():
                 bounds.append(
-                    metrics.boundary_tokens(
-                        logits.detach(),
-                        tokens,
-                        rho,
-                        chunk_size=args.dvp_chunk_size,
-                        temperature=self.temperature,
-                    )
+                    metrics.boundary_tokens(logits.detach(), tokens, rho, temperature=self.temperature)
                 )
             if compute_aux_loss:
                 aux.append(out.aux_loss)
