@@ -271,6 +271,19 @@ def test_sample_step_equals_processed_logprobs_plus_sampling() -> None:
             assert torch.equal(size, keep.sum(-1))
 
 
+def test_sample_step_keeps_ties_and_ignores_minus_inf_like_the_safe_mask() -> None:
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(3)) * 6
+    logits[:, :4] = logits.amax(-1, keepdim=True)  # four-way ties at the max
+    logits[:, 100:150] = float("-inf")  # e.g. banned ids
+    for rho in (1.0, 1e-2, math.exp(-13)):
+        g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        tok, lp, size = sample_step(logits, rho=rho, generator=g1)
+        logp, keep = processed_logprobs(logits, rho=rho, generator=g2)
+        assert torch.equal(tok, sample_categorical(logp.exp(), g2)) and torch.equal(size, keep.sum(-1))
+        assert bool((size >= 4).all()) and bool(keep.gather(1, tok[:, None]).all())  # ties kept, draws safe
+        torch.testing.assert_close(lp, logp.gather(1, tok[:, None]).squeeze(1), atol=1e-5, rtol=0)
+
+
 def test_two_level_sampler_matches_the_naive_inverse_cdf() -> None:
     g = torch.Generator().manual_seed(0)
     for vocab in (1000, 4096, 130):

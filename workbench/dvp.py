@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_RHO",
     "MASK_MARGIN",
     "TokenStats",
+    "log_rho_cut",
     "masked_entropy",
     "masked_entropy_reference",
     "masked_logits",
@@ -201,8 +202,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _log_rho(rho: float, dtype: torch.dtype) -> float:
-    """``log ρ`` rounded to the compute dtype: the exact cut every function in this module uses."""
+def log_rho_cut(rho: float, dtype: torch.dtype) -> float:
+    """``log ρ`` rounded to ``dtype``: the exact cut every safe-set rule compares ``z − max z`` with.
+
+    >>> log_rho_cut(math.exp(-13), torch.float32)
+    -13.0
+    """
     return float(torch.tensor(math.log(rho), dtype=dtype))
 
 
@@ -235,7 +240,7 @@ def _pruned_fill(rho: float, vocab: int, dtype: torch.dtype) -> float:
     ``e^floor`` (``log ρ − log V > floor + 1``, i.e. ρ > ≈1e-26 at V = 151,936 in fp32), else ``−inf``
     (exact zeros the slow way, for astronomically small ρ)."""
     floor = _exp_floor(vocab, dtype)
-    return floor if _log_rho(rho, dtype) - math.log(vocab) > floor + 1.0 else -math.inf
+    return floor if log_rho_cut(rho, dtype) - math.log(vocab) > floor + 1.0 else -math.inf
 
 
 def _auto_chunk(vocab: int, chunk_size: int | None) -> int:
@@ -354,7 +359,7 @@ def _fused_pass_impl(
         size = torch.full((n,), vocab, dtype=torch.long, device=dev)
     floor = _exp_floor(vocab, cdt)
     if rho is not None:
-        lr = _log_rho(rho, cdt)
+        lr = log_rho_cut(rho, cdt)
         cut, fill = _below(lr, cdt), _pruned_fill(rho, vocab, cdt)
     for i, block in _row_blocks(logits, chunk):
         c = block.shape[0]
@@ -464,7 +469,7 @@ def _backward_impl(
     work = None if direct else torch.empty(chunk, vocab, dtype=cdt, device=logits.device)
     floor = _exp_floor(vocab, cdt)
     if rho is not None:
-        cut, fill = _below(_log_rho(rho, cdt), cdt), _pruned_fill(rho, vocab, cdt)
+        cut, fill = _below(log_rho_cut(rho, cdt), cdt), _pruned_fill(rho, vocab, cdt)
         # pruned entries end at exp(fill − log S) ≤ exp(fill); every kept π^mp is above it
         zero_below = float(torch.tensor(fill, dtype=cdt).exp())
     coef_all = g_logp.to(cdt) / temperature  # (N,)
@@ -524,7 +529,7 @@ def safe_mask(
     n = logits.numel() // vocab
     cdt = _compute_dtype(logits.dtype)
     chunk = min(_auto_chunk(vocab, chunk_size), max(n, 1))
-    lr = _log_rho(rho, cdt)
+    lr = log_rho_cut(rho, cdt)
     out = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)  # (..., V)
     oflat = out.view(-1, vocab)  # (N, V)
     work = torch.empty(chunk, vocab, dtype=cdt, device=logits.device)  # (chunk, V)
@@ -582,7 +587,7 @@ def token_in_safe_set(
     n_bad = int((~torch.isfinite(m) & ok).sum())
     if n_bad:
         _raise_nonfinite(n_bad)
-    return ((z - m) >= _log_rho(rho, cdt)) | ~ok
+    return ((z - m) >= log_rho_cut(rho, cdt)) | ~ok
 
 
 def token_logprobs(
@@ -786,7 +791,7 @@ def masked_logits(logits: torch.Tensor, rho: float | None, *, temperature: float
         return z
     with torch.no_grad():
         m = z.amax(-1, keepdim=True)  # (..., 1)
-        keep = (z - m) >= _log_rho(rho, z.dtype)  # (..., V)
+        keep = (z - m) >= log_rho_cut(rho, z.dtype)  # (..., V)
     return torch.where(keep, z, m - MASK_MARGIN)
 
 
@@ -800,7 +805,7 @@ def safe_mask_reference(logits: torch.Tensor, rho: float | None, *, temperature:
     z = _scaled_reference(logits, temperature).detach()  # (..., V)
     if rho is None:
         return torch.ones(z.shape, dtype=torch.bool, device=z.device)
-    return (z - z.amax(-1, keepdim=True)) >= _log_rho(rho, z.dtype)
+    return (z - z.amax(-1, keepdim=True)) >= log_rho_cut(rho, z.dtype)
 
 
 def token_logprobs_reference(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.dvp import safe_mask
+from workbench.dvp import log_rho_cut, safe_mask
 
 __all__ = ["processed_logprobs", "sample_categorical", "sample_categorical_reference", "sample_step"]
 
@@ -90,13 +90,15 @@ def sample_step(
         z = z / temperature
     if perturbation is not None:
         z = perturbation(z, generator)
+    top = z.amax(dim=-1, keepdim=True)  # (N, 1): the argmax is always in the safe set, so also its max
+    weights = z - top  # (N, V) shifted logits, the quantity safe_mask compares with log ρ
     size = None
     if rho is not None:
-        keep = safe_mask(z, rho)  # (N, V) bool
-        size = keep.sum(-1)
-        z = z.masked_fill(~keep, float("-inf"))
-    top = z.amax(dim=-1, keepdim=True)  # (N, 1)
-    weights = torch.exp(z - top)  # (N, V) unnormalised probabilities, 0 outside the safe set
+        pruned = weights < log_rho_cut(rho, weights.dtype)  # (N, V) bool: outside V_S (safe_mask's rule)
+        size = z.shape[-1] - pruned.sum(-1)
+        weights.exp_().masked_fill_(pruned, 0.0)  # unnormalised probabilities, exactly 0 outside V_S
+    else:
+        weights.exp_()
     token = sample_categorical(weights, generator)  # (N,)
     log_norm = top.squeeze(-1) + weights.sum(-1).log()  # (N,)
     logprob = z.gather(1, token.unsqueeze(1)).squeeze(1) - log_norm
