@@ -354,3 +354,17 @@ def test_merge_results_joins_seeds_and_arms_and_refuses_mismatched_parts() -> No
     b.steps = 99
     with pytest.raises(ValueError, match="cannot merge"):
         merge_results([a, b])
+
+
+@pytest.mark.slow
+def test_run_demo_writes_results_and_a_report_led_by_the_clean_eval_reward(tmp_path) -> None:
+    from workbench.experiments import HEADLINE_SCENARIO, SCENARIOS
+    from workbench.experiments.demo import run_demo
+
+    _shipped(SCENARIOS[HEADLINE_SCENARIO]["model"])
+    report = run_demo(steps=2, seed=0, out_dir=tmp_path, quick=True)
+    assert load_results(report.results_json).arms == ["naive", "dvp_mis"]
+    html = report.html.read_text()
+    assert "clean-engine eval reward" in html and "tail draws per step" in html
+    with pytest.raises(ValueError, match="steps=1"):
+        run_demo(steps=1, seed=0, out_dir=tmp_path, quick=True)

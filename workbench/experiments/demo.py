@@ -133,6 +133,7 @@ def run_demo(steps: int | None, seed: int, out_dir: Path, quick: bool) -> DemoRe
     runs = {labels[k]: v for k, v in results.histories().items()}
     fig = viz.training_figure(
         runs,
+        viz.EXPERIMENT_PANELS,  # the clean-eval reward the verdicts read first, then the tail mechanism
         title=(
             f"{HEADLINE_SCENARIO}: naive RLOO vs DVP + MIS — seed {seed}, {n} steps"
             + (" (QUICK)" if quick else "")
