@@ -575,9 +575,9 @@ def token_in_safe_set(
     tensor([ True, False])
     """
     _check_common(logits, rho, temperature, None)
-    ok = torch.ones(tokens.shape, dtype=torch.bool, device=logits.device) if mask is None else mask
     if rho is None:
         return torch.ones(tokens.shape, dtype=torch.bool, device=logits.device)
+    ok = torch.ones(tokens.shape, dtype=torch.bool, device=logits.device) if mask is None else mask
     cdt = _compute_dtype(logits.dtype)
     ids = torch.where(ok, tokens, 0).long()
     m = logits.amax(-1).to(cdt)  # (...,) the max of the upcast values is the upcast of the max

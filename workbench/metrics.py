@@ -558,8 +558,7 @@ def boundary_tokens(
             f"tokens contains id {bad} outside [0, {vocab}); pass mask= to skip padding ids, "
             "or check that tokenizer and logits share a vocabulary"
         )
-    inside = token_in_safe_set(logits_train, ids, rho, temperature=temperature, mask=valid)
-    return ~inside & valid
+    return ~token_in_safe_set(logits_train, ids, rho, temperature=temperature, mask=valid)  # invalid: inside
 
 
 # ----------------------------------------------------------------------------------------------------

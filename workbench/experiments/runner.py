@@ -320,6 +320,11 @@ def _first_finite(xs: Sequence[float]) -> float:
     return next((x for x in xs if math.isfinite(x)), math.nan)
 
 
+def _last_finite(xs: Sequence[float]) -> float:
+    """The last measured value of a sparse metric (``eval/reward`` is logged every few steps); nan if none."""
+    return _first_finite(xs[::-1])
+
+
 def _tail_mean(xs: Sequence[float], frac: float = 0.25) -> float:
     vals = [x for x in xs[-max(1, int(len(xs) * frac)) :] if math.isfinite(x)]
     return statistics.fmean(vals) if vals else math.nan

@@ -17,6 +17,7 @@ from typing import Any
 
 from workbench.experiments.runner import (
     RunResult,
+    _last_finite,
     _tail_mean,
     atomic_write_json,
     atomic_write_text,
@@ -141,11 +142,6 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepResults:
         runs={label: [run_from_dict(r) for r in runs] for label, runs in data["runs"].items()},
         command=data.get("command", ""),
     )
-
-
-def _last_finite(xs: Sequence[float]) -> float:
-    """The last measured value of a sparse metric (``eval/reward`` is logged every few steps); nan if none."""
-    return next((x for x in reversed(xs) if math.isfinite(x)), math.nan)
 
 
 def u_shape(points: Sequence[Mapping[str, Any]], key: str = "reward_final_mean") -> dict[str, Any]:
