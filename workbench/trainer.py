@@ -469,16 +469,8 @@ class RLOOTrainer:
         if cfg.rho_entropy_scale > 0:
             assert cfg.rho is not None  # checked in RLOOConfig
             perturbation = EntropyScaledMinP(math.log(cfg.rho), cfg.rho_entropy_scale, inner=perturbation)
-        if cfg.engine == "vllm":
-            return engines.VLLMEngine.from_trainer_model(
-                self.model, self.tokenizer, dtype=cfg.engine_dtype, perturbation=perturbation
-            )
-        return engines.TorchEngine(
-            self.model,
-            dtype=cfg.engine_dtype,
-            perturbation=perturbation,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+        return engines.make_engine(
+            cfg.engine, self.model, self.tokenizer, dtype=cfg.engine_dtype, perturbation=perturbation
         )
 
     # ------------------------------------------------------------------ one step
