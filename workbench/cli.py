@@ -14,72 +14,117 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-_NONE = {"none", "null"}
+_NONE = ("none", "null")
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def _parse_value(text: str, annotation: Any) -> Any:
-    """Parse a flag value according to an RLOOConfig field annotation (``"none"`` means None)."""
-    hint = str(annotation)
-    if text.lower() in _NONE and "None" in hint:
-        return None
-    if "Mapping" in hint:
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-        return value
-    if hint.startswith("bool"):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if hint.startswith("int"):
-        return int(text)
-    if hint.startswith("float"):
-        return float(text)
-    if "float" in hint:  # float | None | str (engine_rho)
+def _parse_none(text: str) -> None:
+    if text.lower() not in _NONE:
+        raise ValueError(text)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in _BOOLS:
+        raise ValueError(text)
+    return _BOOLS[text.lower()]
+
+
+def _parse_mapping(text: str) -> dict[str, Any]:
+    value = json.loads(text)  # json.JSONDecodeError is a ValueError
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+#: How the text of a flag becomes each type a config field can declare; ``Mapping`` takes a JSON object.
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    type(None): _parse_none,
+    bool: _parse_bool,
+    int: int,
+    float: float,
+    Mapping: _parse_mapping,
+    str: str,
+}
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a field accepts, in the order a flag's text is tried: declared order, ``str`` last.
+
+    ``str`` accepts any text, so ``float | str | None`` reads ``1e-3`` as a float, ``none`` as None and
+    ``same`` as a string.
+    """
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    members = typing.get_args(annotation) if union else (annotation,)
+    return sorted((typing.get_origin(m) or m for m in members), key=lambda m: m is str)
+
+
+def _type_name(annotation: Any) -> str:
+    """``int``, ``float | none``, ``JSON object`` …: what a flag of this type accepts, for help and errors."""
+    names = {type(None): "none", Mapping: "JSON object"}
+    return " | ".join(names.get(m, getattr(m, "__name__", str(m))) for m in _members(annotation))
+
+
+def _parse_value(text: str, name: str, annotation: Any) -> Any:
+    """The text of flag ``--name`` as a value of the config field's declared type.
+
+    Each member type of ``annotation`` is tried in :func:`_members` order; the first that parses wins.
+    Range checks are left to ``RLOOConfig.__post_init__``, so a flag and a config file fail alike.
+
+    Raises:
+        argparse.ArgumentTypeError: no member type parses ``text``; the message names the field, the
+            value, the accepted types and an example.
+    """
+    for member in _members(annotation):
         try:
-            return float(text)
+            return _PARSERS[member](text)
         except ValueError:
-            return text
-    return text
+            continue
+    raise argparse.ArgumentTypeError(
+        f"RLOOConfig.{name}={text!r} is invalid: allowed {_type_name(annotation)}. "
+        f"Pass a value of that type, e.g. --{name.replace('_', '-')} {_example(annotation)}."
+    )
+
+
+def _example(annotation: Any) -> str:
+    """A valid flag value for the first non-None type of ``annotation``, for error messages."""
+    examples = {bool: "true", int: "8", float: "0.5", Mapping: "'{\"digits\": 2}'"}
+    return next((examples[m] for m in _members(annotation) if m in examples), "none")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per :class:`~workbench.trainer.RLOOConfig` field, parsed by its type."""
     from workbench.trainer import RLOOConfig
 
     group = parser.add_argument_group("config fields (override the preset / config file; 'none' for None)")
     hints = typing.get_type_hints(RLOOConfig, globalns=vars(sys.modules["workbench.trainer"]))
     for f in dataclasses.fields(RLOOConfig):
         ann = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f"cfg_{f.name}",
-            default=None,
+            default=argparse.SUPPRESS,  # an absent flag leaves no attribute, so `--rho none` is an override
             metavar="V",
-            type=lambda s, a=ann: _parse_value(s, a),
-            help=f"({_type_name(ann)}, default {f.default if f.default is not dataclasses.MISSING else '{}'})",
+            type=functools.partial(_parse_value, name=f.name, annotation=ann),
+            help=f"({_type_name(ann)}, default {default})",
         )
-
-
-def _type_name(ann: Any) -> str:
-    if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union:
-        return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(ann))
-    return getattr(ann, "__name__", str(ann))
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
     from workbench.experiments import make_config
     from workbench.trainer import RLOOConfig
 
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     if args.config:
         base = RLOOConfig.from_json(args.config).to_dict()
         return RLOOConfig.from_dict({**base, **overrides})
