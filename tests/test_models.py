@@ -20,11 +20,13 @@ from workbench.models import (
     build_tiny_model,
     build_tokenizer,
     encode_prompt,
+    head_dim_of,
     load_policy,
     policy_metadata,
     pretrained_policy,
     resolve_policy,
     save_policy,
+    widen_heads,
 )
 from workbench.tasks import ALPHABET, SPECIAL_TOKENS, TASKS, make_task
 
@@ -341,3 +343,41 @@ def test_encode_prompt_is_a_prefix_of_the_sft_text(tokenizer) -> None:
             prompt, full = encode_prompt(tokenizer, p.prompt), encode_prompt(tokenizer, task.sft_text(p))
             assert full[: len(prompt)] == prompt and len(full) == len(task.sft_text(p))
             assert tokenizer.bos_token_id not in full and tokenizer.eos_token_id not in full
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("heads", [4, 2])
+def test_widen_heads_computes_the_same_function(family: str, heads: int) -> None:
+    """Zero-padded heads (RoPE pairs moved to the same frequencies, q rescaled) change no logit."""
+    cfg = TinyModelConfig(vocab_size=256, hidden_size=64, num_heads=heads, family=family, seed=3)
+    tok = build_tokenizer(256)
+    model = build_tiny_model(cfg, tok)
+    with torch.no_grad():  # random biases, so a misplaced q/k/v bias row cannot hide behind zeros
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    wide = widen_heads(model, 2 * cfg.head_dim)
+    assert wide.config.model_type == "llama" and wide.config.head_dim == 2 * cfg.head_dim
+    x = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    mask[0, :7] = 0  # left padding: positions must line up too
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = model(input_ids=x, attention_mask=mask, position_ids=pos).logits
+        b = wide(input_ids=x, attention_mask=mask, position_ids=pos).logits
+    torch.testing.assert_close(b[mask.bool()], a[mask.bool()], atol=2e-5, rtol=1e-5)
+
+
+def test_widen_heads_rejects_widths_that_are_not_multiples() -> None:
+    model = build_tiny_model(SMALL, build_tokenizer(SMALL.vocab_size))
+    with pytest.raises(ValueError, match=r"head_dim=24 must be a multiple of the model's head_dim=16"):
+        widen_heads(model, 24)
+
+
+def test_shipped_policies_are_servable_by_vllms_cpu_attention() -> None:
+    from workbench.engines.vllm_engine import CPU_HEAD_DIMS
+
+    for name in available_policies():
+        config = load_policy(pretrained_policy(name))[0].config
+        assert head_dim_of(config) in CPU_HEAD_DIMS, name
+    assert TinyModelConfig().head_dim in CPU_HEAD_DIMS

@@ -1,5 +1,5 @@
-"""VLLMEngine: the output → Rollout conversion on CPU (with stand-in vLLM objects), clear errors without
-vLLM/CUDA, and — on a GPU box with vllm installed — rollouts, log-probs against the trainer, weight sync."""
+"""VLLMEngine: the output → Rollout conversion (with stand-in vLLM objects), clear errors, and — with real
+vLLM (the CPU build `make test` installs, or CUDA) — rollouts, log-probs against the trainer, weight sync."""
 
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ def test_conversion_rejects_malformed_outputs(mutate: Any, match: str) -> None:
         rollout_from_vllm_outputs(outputs, PROMPTS, n=2, pad_token_id=PAD, eos_token_id=EOS)
 
 
-@pytest.mark.skipif(vllm_unavailable_reason() is None, reason="vllm and CUDA are available here")
-def test_a_clear_error_without_vllm_or_cuda(tmp_path: Path) -> None:
+@pytest.mark.skipif(vllm_unavailable_reason() is None, reason="vLLM can run here")
+def test_a_clear_error_where_vllm_cannot_run(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(VLLMUnavailableError, match="TorchEngine"):
         VLLMEngine(tmp_path)
@@ -136,15 +136,33 @@ def test_constructor_arguments_are_checked_before_vllm_is_touched(tmp_path: Path
         VLLMEngine(tmp_path / "missing")
 
 
-# ----------------------------------------------------------------------------- on a GPU with vllm
+def test_unservable_models_get_a_clear_error_naming_the_fix() -> None:
+    from transformers import LlamaConfig, Qwen2Config
+
+    from workbench.engines.vllm_engine import _check_servable
+
+    narrow = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    with pytest.raises(ValueError, match=r"head_dim=16 .*widen_heads\(model, 32\)"):
+        _check_servable(narrow, on_cpu=True)
+    _check_servable(narrow, on_cpu=False)  # CUDA attention serves 16
+    misread = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=32)
+    with pytest.raises(ValueError, match="vLLM's Qwen2 uses hidden_size // heads = 16"):
+        _check_servable(misread, on_cpu=False)
+    _check_servable(LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=32), on_cpu=True)
+
+
+# ----------------------------------------------------------------------------- with real vLLM (CPU or CUDA)
 @pytest.fixture(scope="module")
-def gpu_setup(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def vllm_setup(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from workbench.models import TinyModelConfig, build_tiny_model, build_tokenizer, save_policy
 
     tokenizer = build_tokenizer(512)
     model = build_tiny_model(TinyModelConfig(vocab_size=512, hidden_size=64, num_layers=2), tokenizer)
     path = save_policy(model, tokenizer, tmp_path_factory.mktemp("policy") / "tiny")
+    threads = torch.get_num_threads()
     engine = VLLMEngine(path, dtype="fp32", gpu_memory_utilization=0.2, max_model_len=128)
+    assert torch.get_num_threads() == threads  # vLLM's CPU worker must not take the trainer's threads
+    torch.set_num_threads(threads)  # and set_num_threads works again (vLLM made it a no-op)
     return model, tokenizer, engine
 
 
@@ -161,9 +179,9 @@ def _k1(model: torch.nn.Module, r: Rollout, rho: float | None) -> float:
     return (r.logprobs - lp)[r.mask].mean().item()
 
 
-@pytest.mark.gpu
-def test_vllm_rollout_shapes_and_finite_logprobs(gpu_setup: Any) -> None:
-    _, _, engine = gpu_setup
+@pytest.mark.vllm
+def test_vllm_rollout_shapes_and_finite_logprobs(vllm_setup: Any) -> None:
+    _, _, engine = vllm_setup
     prompts = [[1, 5, 6, 7], [1, 9]]
     r = engine.generate(prompts, n=3, max_tokens=16, rho=1e-3, temperature=1.0, seed=0)
     assert r.tokens.shape[0] == 6 and r.tokens.shape[1] <= 16
@@ -171,29 +189,64 @@ def test_vllm_rollout_shapes_and_finite_logprobs(gpu_setup: Any) -> None:
     assert bool(torch.isfinite(r.logprobs[r.mask]).all()) and bool((r.logprobs[r.mask] <= 0).all())
     again = engine.generate(prompts, n=3, max_tokens=16, rho=1e-3, temperature=1.0, seed=0)
     assert torch.equal(r.tokens, again.tokens)  # per-request seeds make it reproducible
+    other = engine.generate(prompts, n=3, max_tokens=16, rho=1e-3, temperature=1.0, seed=1)
+    assert not torch.equal(r.tokens, other.tokens)
 
 
-@pytest.mark.gpu
+@pytest.mark.vllm
 @pytest.mark.parametrize("rho", [None, 1e-3])
-def test_vllm_fp32_matches_the_trainer(gpu_setup: Any, rho: float | None) -> None:
-    model, _, engine = gpu_setup
+def test_vllm_fp32_matches_the_trainer(vllm_setup: Any, rho: float | None) -> None:
+    model, _, engine = vllm_setup
     r = engine.generate([[1, 5, 6, 7], [1, 9], [1, 4, 4]], n=4, max_tokens=24, rho=rho, seed=1)
-    assert abs(_k1(model, r, rho)) < 1e-3  # processed log-probs: same min-p renormalisation as the trainer
+    assert abs(_k1(model, r, rho)) < 1e-5  # processed log-probs: same min-p renormalisation as the trainer
 
 
-@pytest.mark.gpu
-def test_vllm_weight_sync_changes_outputs(gpu_setup: Any) -> None:
-    model, _, engine = gpu_setup
-    trainer = copy.deepcopy(model)
+@pytest.mark.vllm
+def test_vllm_processed_logprobs_follow_min_p_on_a_peaked_policy(vllm_setup: Any) -> None:
+    """A peaked policy (embedding scaled ×4) has ids below ρ·p_max: processed log-probs renormalise over V_S."""
+    model, _, engine = vllm_setup
+    peaked = copy.deepcopy(model)
     with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for p in trainer.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        peaked.get_input_embeddings().weight.mul_(4.0)  # tied head: logits grow, the tail is pruned
+    engine.sync_weights(peaked)
+    try:
+        prompts = [[1, 5, 6, 7], [1, 9]]
+        pruned = engine.generate(prompts, n=4, max_tokens=12, rho=1e-2, seed=2)
+        assert abs(_k1(peaked, pruned, 1e-2)) < 1e-4
+        assert abs(_k1(peaked, pruned, None)) > 1e-4  # full-vocab log-probs differ by log Z
+    finally:
+        engine.sync_weights(model)
+
+
+@pytest.mark.vllm
+def test_vllm_weight_sync_follows_the_trainer(vllm_setup: Any) -> None:
+    model, _, engine = vllm_setup
+    trainer = copy.deepcopy(model)
     prompts = [[1, 5, 6, 7], [1, 9]]
-    before = engine.generate(prompts, n=4, max_tokens=16, seed=3)
-    assert abs(_k1(trainer, before, None)) > 1e-3  # stale weights
-    engine.sync_weights(trainer)
-    after = engine.generate(prompts, n=4, max_tokens=16, seed=3)
-    assert not torch.equal(before.logprobs, after.logprobs)
-    assert abs(_k1(trainer, after, None)) < 1e-3
-    engine.sync_weights(model)  # leave the shared engine as the fixture built it
+    g = torch.Generator().manual_seed(0)
+    try:
+        for _ in range(3):  # several updates: every sync must land, the tied output layer included
+            with torch.no_grad():
+                for p in trainer.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            before = engine.generate(prompts, n=4, max_tokens=16, seed=3)
+            assert abs(_k1(trainer, before, None)) > 1e-3  # stale weights
+            engine.sync_weights(trainer)
+            after = engine.generate(prompts, n=4, max_tokens=16, seed=3)
+            assert not torch.equal(before.logprobs, after.logprobs)
+            assert abs(_k1(trainer, after, None)) < 1e-5
+    finally:
+        engine.sync_weights(model)  # leave the shared engine as the fixture built it
+
+
+@pytest.mark.vllm
+def test_vllm_serves_a_widened_shipped_policy(tmp_path: Path) -> None:
+    """The shipped policies carry 32-wide heads (widened from 16): vLLM serves them as the trainer scores them."""
+    from workbench import models
+
+    model, tokenizer = models.load_policy(models.pretrained_policy("add2"))
+    assert models.head_dim_of(model.config) == 32
+    engine = VLLMEngine(models.pretrained_policy("add2"), dtype="fp32", max_model_len=64)
+    prompt = models.encode_prompt(tokenizer, "12+34=")
+    r = engine.generate([prompt], n=8, max_tokens=4, seed=0)
+    assert abs(_k1(model, r, None)) < 1e-5

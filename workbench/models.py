@@ -78,6 +78,8 @@ class PolicyNotFoundError(FileNotFoundError, ValueError):
 class TinyModelConfig:
     """Shape of a tiny causal LM (defaults: ≈ 0.35 M parameters, most of them the tied embedding).
 
+    The defaults (two 32-wide heads) are a shape vLLM's CPU attention serves (head widths 32, 64, ...).
+
     >>> TinyModelConfig(hidden_size=32, num_heads=4).head_dim
     8
     """
@@ -89,8 +91,10 @@ class TinyModelConfig:
     """Width of the residual stream; must be divisible by ``num_heads`` with an even head dim (RoPE)."""
     num_layers: int = 2
     """Transformer blocks."""
-    num_heads: int = 4
-    """Attention heads (no grouped-query attention: as many key/value heads)."""
+    num_heads: int = 2
+    """Attention heads (no grouped-query attention: as many key/value heads). The default gives
+    32-wide heads, the narrowest vLLM's CPU backend serves; the shipped policies were trained with 4
+    and are saved widened (:func:`widen_heads`)."""
     intermediate_size: int = 192
     """Width of the SwiGLU MLP."""
     max_position_embeddings: int = 256
@@ -217,6 +221,90 @@ def build_tiny_model(
         model = cls(config)
     model.generation_config = GenerationConfig(**ids)
     return model.eval()
+
+
+def head_dim_of(config: Any) -> int:
+    """Per-head width of an HF config (its ``head_dim`` when set, else ``hidden_size // heads``)."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _widen_rows(weight: torch.Tensor, heads: int, old: int, new: int) -> torch.Tensor:
+    """Re-lay a q/k/v projection's output rows (or bias) from ``heads × old`` to ``heads × new``.
+
+    Rotary embeddings (HF ``rotate_half``) pair dim ``i`` with ``i + d/2`` and turn the pair at
+    frequency ``θ^(−2i/d)``. In a head ``r = new/old`` times wider, old dim ``i`` moves to ``r·i`` and
+    old dim ``d/2 + i`` to ``new/2 + r·i``: the same frequency, so RoPE is unchanged. The other dims
+    are zero.
+    """
+    ratio, half = new // old, old // 2
+    idx = torch.arange(half)
+    target = torch.cat([ratio * idx, new // 2 + ratio * idx])  # (old,)
+    rows = weight.reshape(heads, old, *weight.shape[1:])  # (heads, old, ...)
+    out = weight.new_zeros(heads, new, *weight.shape[1:])  # (heads, new, ...)
+    out[:, target] = rows
+    return out.reshape(heads * new, *weight.shape[1:])
+
+
+@torch.no_grad()
+def widen_heads(model: PreTrainedModel, head_dim: int = 32) -> PreTrainedModel:
+    """An exactly equivalent ``LlamaForCausalLM`` whose attention heads are ``head_dim`` wide.
+
+    Why: vLLM's CPU attention serves only head widths 32, 64, 80, ... (``VLLM_CPU.md``), while the
+    shipped policies were trained with 16-wide heads. Zero-padding each head changes nothing the
+    model computes: q/k/v gain zero rows placed so rotary embeddings turn every old pair at its old
+    frequency (:func:`_widen_rows`), q is scaled by ``sqrt(head_dim / old)`` so ``q·k / sqrt(d)`` is
+    the same score, and o_proj reads only the old value dims. vLLM's Qwen2 ignores ``head_dim`` in
+    the config (it uses ``hidden_size // heads``), so the result is a Llama model with
+    ``attention_bias=True`` (Qwen2's q/k/v biases; o_proj's bias is zero). Logits agree with the
+    input model to float rounding (tested: max |Δ| ≲ 1e-5 in fp32).
+
+    Args:
+        model: a ``Qwen2ForCausalLM`` or ``LlamaForCausalLM`` with no sliding window.
+        head_dim: the new width: a multiple of the old one (e.g. 16 → 32).
+
+    Returns:
+        A new fp32 model in eval mode (``model`` is not modified).
+    """
+    config = model.config
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"model_type={config.model_type!r} must be one of {FAMILIES} to widen its heads")
+    old = head_dim_of(config)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < old or head_dim % old:
+        raise ValueError(
+            f"head_dim={head_dim!r} must be a multiple of the model's head_dim={old}, e.g. {2 * old}"
+        )
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    keep += ("num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    keep += ("pad_token_id", "bos_token_id", "eos_token_id", "hidden_act", "rope_parameters")
+    wide_config = transformers.LlamaConfig(
+        **{k: getattr(config, k) for k in keep}, head_dim=head_dim, attention_bias=qkv_bias
+    )
+    wide = transformers.LlamaForCausalLM(wide_config).eval()
+    scale = (head_dim / old) ** 0.5
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    new_state: dict[str, torch.Tensor] = {}
+    for name, target in wide.state_dict().items():
+        if name in state and state[name].shape == target.shape:
+            new_state[name] = state[name]
+            continue
+        parts = name.rsplit(".", 2)  # (..., "q_proj", "weight")
+        proj, kind = parts[-2], parts[-1]
+        if proj == "o_proj" and kind == "weight":  # (hidden, heads*old) → read only the old value dims
+            cols = _widen_rows(state[name].T.contiguous(), heads, old, head_dim).T
+            new_state[name] = cols.contiguous()
+        elif proj == "o_proj":  # the bias Qwen2 does not have
+            new_state[name] = torch.zeros_like(target)
+        elif proj in ("q_proj", "k_proj", "v_proj") and name in state:
+            n = heads if proj == "q_proj" else kv_heads
+            rows = _widen_rows(state[name], n, old, head_dim)
+            new_state[name] = rows * scale if proj == "q_proj" else rows
+        else:
+            raise ValueError(f"widen_heads: no rule for parameter {name!r} of shape {tuple(target.shape)}")
+    wide.load_state_dict(new_state, strict=True)
+    wide.generation_config = model.generation_config
+    return wide
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

