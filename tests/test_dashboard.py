@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 import pytest
 
 from workbench.dvp import DEFAULT_RHO
+from workbench.experiments.collapse import DEFAULT_CRITERION
 from workbench.experiments.presets import ARMS
 from workbench.trainer import RLOOConfig, all_metric_docs
 from workbench.viz.dashboard import (
@@ -213,9 +214,16 @@ def test_errors_surface_in_headless_and_background_runs() -> None:
 
 
 def test_verdicts_use_the_collapse_criterion_against_the_last_arm() -> None:
-    dash, _ = make_dash([], steps=1)
-    assert dash.verdicts() == {}  # one step is too few to judge
-    dash.run_headless(8)
+    dash, _ = make_dash([], steps=4)
+    assert dash.verdicts() == {}  # no arms built yet
+    dash.run_headless()
+    # Four steps are too few to judge: no verdict, and the status line says so and why.
+    assert {v.label for v in dash.verdicts().values()} == {"too short"}
+    assert (
+        "<b>too short</b>" in dash.status.value
+        and "4 steps: the criterion judges runs of >= 20" in dash.status.value
+    )
+    dash.run_headless(DEFAULT_CRITERION.min_steps - 4)  # the same arms, continued
     verdicts = dash.verdicts()
     assert list(verdicts) == list(dash.histories)
     # Fake rewards rise 0.1 per step for every arm: nobody collapses, nobody trails the reference.

@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workbench.experiments import collapse, presets
 from workbench.experiments.collapse import CollapseCriterion, classify, rolling_mean
@@ -72,13 +74,52 @@ def test_verdict_numbers_and_spike_ratios() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kw", "needle"), [({"window": 0}, "window"), ({"drop": 0.0}, "drop"), ({"spike": 1.0}, "spike")]
+    ("kw", "needle"),
+    [
+        ({"window": 0}, "window"),
+        ({"drop": 0.0}, "drop"),
+        ({"spike": 1.0}, "spike"),
+        ({"min_steps": 1}, "min_steps"),
+    ],
 )
 def test_criterion_rejects_bad_thresholds(kw: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         CollapseCriterion(**kw)
-    with pytest.raises(ValueError, match="at least 2"):
-        classify(_rows([0.5]))
+
+
+# A run that the criterion calls a collapse at its full length: the reward falls and k3 spikes ×100.
+COLLAPSING = _rows([0.5] * 5 + [0.6] * 5 + [0.1] * 10, k3_late=0.1, late_from=10)
+
+
+def test_a_run_shorter_than_min_steps_is_too_short_to_judge() -> None:
+    n = collapse.DEFAULT_CRITERION.min_steps
+    assert len(COLLAPSING) == n and classify(COLLAPSING).label == "collapse"
+    # The notebook-06 case: four steps of a collapsing run, alone or against a reference, on either reward.
+    for rows in (COLLAPSING[-4:], COLLAPSING[1:], COLLAPSING[:1], []):
+        for reference in (None, _rows([0.9] * 4), _rows([0.9] * n)):
+            for key in ("reward/mean", "eval/reward"):
+                v = CollapseCriterion(reward_key=key).classify(rows, reference)
+                assert v.label == collapse.TOO_SHORT == "too short" and not v.collapsed and not v.degraded
+                assert v.reasons == (
+                    f"{len(rows)} steps: the criterion judges runs of >= {n} steps (CollapseCriterion.min_steps)",
+                )
+    v = classify(COLLAPSING[-4:])
+    assert v.start == pytest.approx(0.1) and v.k3_spike == pytest.approx(1.0)  # the numbers are still there
+    # min_steps alone withholds the verdict: allowed to judge, the same four steps are "stable".
+    assert CollapseCriterion(min_steps=4).classify(COLLAPSING[-4:]).label == "stable"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), max_size=collapse.DEFAULT_CRITERION.min_steps - 1),
+    st.floats(1e-6, 1e3),
+    st.floats(1e-3, 1e3),
+)
+def test_no_short_run_is_ever_called_a_collapse(
+    rewards: list[float], k3_late: float, grad_late: float
+) -> None:
+    rows = _rows(rewards, k3_late=k3_late, grad_late=grad_late, late_from=len(rewards) // 2)
+    assert classify(rows, _rows([1.0] * len(rewards))).label == "too short"
 
 
 def test_rolling_mean_matches_a_naive_loop() -> None:
@@ -146,8 +187,8 @@ def test_results_roundtrip_through_json_and_csv(tmp_path) -> None:
     assert math.isnan(back.runs[0].history[3]["mismatch/k3"])
     assert back.run("naive", 1).history == res.run("naive", 1).history
     assert back.counts() == {
-        "naive": {"collapse": 2, "degraded": 0, "stable": 0},
-        "dvp_mis": {"collapse": 0, "degraded": 0, "stable": 2},
+        "naive": {"collapse": 2, "degraded": 0, "stable": 0, "too short": 0},
+        "dvp_mis": {"collapse": 0, "degraded": 0, "stable": 2, "too short": 0},
     }
     rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
     assert [(r["arm"], r["verdict"]) for r in rows] == [("naive", "collapse")] * 2 + [

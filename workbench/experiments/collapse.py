@@ -14,6 +14,9 @@ verdict        rule (``w`` = ``window`` steps; "start"/"final" = mean reward of 
 ``degraded``   not a collapse, but the final reward trails a reference run on the same seed (the
                DVP + MIS or clean arm) by ≥ ``gap``
 ``stable``     neither
+``too short``  the run has fewer than ``min_steps`` steps (20): no verdict. With a window of one or two
+               steps a single noisy reward or grad-norm sample would decide it, so a short run is
+               neither called stable nor collapsed
 =============  ===================================================================================
 
 >>> rewards = [0.5] * 10 + [0.6] * 10 + [0.2] * 10
@@ -23,6 +26,8 @@ verdict        rule (``w`` = ``window`` steps; "start"/"final" = mean reward of 
 'collapse'
 >>> classify(rows[:20]).label
 'stable'
+>>> classify(rows[:4]).label, classify(rows[:4]).reasons
+('too short', ('4 steps: the criterion judges runs of >= 20 steps (CollapseCriterion.min_steps)',))
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["CollapseCriterion", "Verdict", "classify", "rolling_mean"]
+__all__ = ["LABELS", "TOO_SHORT", "CollapseCriterion", "Verdict", "classify", "rolling_mean"]
+
+TOO_SHORT = "too short"
+"""The label of a run shorter than :attr:`CollapseCriterion.min_steps`: too short to judge."""
+LABELS: tuple[str, ...] = ("collapse", "degraded", "stable", TOO_SHORT)
+"""Every verdict label, in the order tables and counts list them."""
 
 Row = Mapping[str, float]
 
@@ -73,7 +83,7 @@ class Verdict:
     """What :func:`classify` decided about one run, with the numbers behind it."""
 
     label: str
-    """``"collapse"``, ``"degraded"`` or ``"stable"``."""
+    """One of :data:`LABELS`: ``"collapse"``, ``"degraded"``, ``"stable"`` or ``"too short"`` (no verdict)."""
     start: float
     """Mean reward over the first ``window`` steps."""
     peak: float
@@ -122,6 +132,9 @@ class CollapseCriterion:
     """A metric spikes when its max reaches this multiple of its median over the first window."""
     gap: float = 0.10
     """Final-reward shortfall against the reference run that counts as a degradation."""
+    min_steps: int = 20
+    """Runs with fewer steps are ``"too short"``: no verdict. At 20 steps each window (a quarter of the
+    run) averages 5 rewards and the spike rule's baseline is a median of 5 samples."""
     reward_key: str = "reward/mean"
     """Which reward series is judged: ``reward/mean`` (what the rollout engine sampled) or
     ``eval/reward`` (the policy under a clean engine, measured every ``eval_every`` steps)."""
@@ -136,6 +149,11 @@ class CollapseCriterion:
                 )
         if not self.spike > 1:
             raise ValueError(f"spike={self.spike} must be > 1 (a multiple of the early median), e.g. 5")
+        if self.min_steps < 2:
+            raise ValueError(
+                f"min_steps={self.min_steps} must be >= 2 (the verdict compares a run's start with its end), "
+                "e.g. 20"
+            )
 
     def classify(self, rows: Sequence[Row], reference: Sequence[Row] | None = None) -> Verdict:
         """Verdict on one run's metric rows, optionally against a reference run on the same seed.
@@ -146,10 +164,9 @@ class CollapseCriterion:
             reference: the reference run's rows (e.g. DVP + MIS on the same seed), or ``None``.
 
         Returns:
-            A :class:`Verdict`.
+            A :class:`Verdict`; its label is ``"too short"`` when ``rows`` has fewer than ``min_steps``
+            steps (the numbers are still filled in, ``nan`` where there are none).
         """
-        if len(rows) < 2:
-            raise ValueError(f"rows has {len(rows)} steps; the verdict needs at least 2 (run more steps)")
         w = max(1, min(self.window, len(rows) // 4))
         reward = _series(rows, self.reward_key)
         start = statistics.fmean(_finite(reward[:w]) or [math.nan])
@@ -181,7 +198,13 @@ class CollapseCriterion:
         if reference is not None and len(reference) >= 2:
             ref_reward = _series(reference, self.reward_key)
             ref_final = statistics.fmean(_finite(ref_reward[-w:]) or [math.nan])
-        if fell and spiked:
+        if len(rows) < self.min_steps:
+            label = TOO_SHORT
+            reasons = [
+                f"{len(rows)} steps: the criterion judges runs of >= {self.min_steps} steps "
+                "(CollapseCriterion.min_steps)"
+            ]
+        elif fell and spiked:
             label = "collapse"
         elif math.isfinite(ref_final) and ref_final - final >= self.gap:
             label = "degraded"

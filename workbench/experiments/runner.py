@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.experiments.collapse import DEFAULT_CRITERION, CollapseCriterion, Verdict
+from workbench.experiments.collapse import DEFAULT_CRITERION, LABELS, CollapseCriterion, Verdict
 from workbench.experiments.presets import ARMS, SCENARIOS, make_config, run_length
 
 __all__ = [
@@ -223,7 +223,7 @@ class ArmResults:
 
     def counts(self, which: str = "verdict") -> dict[str, dict[str, int]]:
         """Per arm, how many seeds ended in each verdict label (``which``: ``verdict`` or ``verdict_eval``)."""
-        out: dict[str, dict[str, int]] = {a: {"collapse": 0, "degraded": 0, "stable": 0} for a in self.arms}
+        out: dict[str, dict[str, int]] = {a: dict.fromkeys(LABELS, 0) for a in self.arms}
         for r in self.runs:
             v = getattr(r, which)
             if v is not None:

@@ -44,6 +44,7 @@ import plotly.graph_objects as go
 
 from workbench.dvp import DEFAULT_RHO, validate_rho
 from workbench.engines import make_perturbation
+from workbench.experiments.collapse import TOO_SHORT, classify
 from workbench.experiments.presets import ARMS
 from workbench.importance import IS_MODES
 from workbench.trainer import RLOOConfig, RLOOTrainer
@@ -373,15 +374,14 @@ class LiveTrainingDashboard:
         return f"<b>{head}</b> ({time.perf_counter() - t0:.1f} s) · " + " · ".join(parts)
 
     def verdicts(self) -> dict[str, Any]:
-        """The collapse criterion's verdict on each arm so far (needs ≥ 2 steps per arm).
+        """The collapse criterion's verdict on each arm so far (``{}`` before the arms are built).
 
         Each arm is judged by :func:`workbench.experiments.collapse.classify` against the last arm
-        (DVP + IS) as the reference run on the same seed; the reference itself is judged alone.
+        (DVP + IS) as the reference run on the same seed; the reference itself is judged alone. An arm
+        with fewer than ``CollapseCriterion.min_steps`` steps is ``"too short"``: no verdict.
         """
-        from workbench.experiments.collapse import classify
-
         labels = list(self.histories)
-        if not labels or any(len(h) < 2 for h in self.histories.values()):
+        if not labels:
             return {}
         ref = self.histories[labels[-1]]
         return {
@@ -390,8 +390,12 @@ class LiveTrainingDashboard:
         }
 
     def _verdict_html(self) -> str:
-        parts = [f"{html.escape(label)}: <b>{v.label}</b>" for label, v in self.verdicts().items()]
-        return "<br>verdicts (workbench.experiments.collapse): " + " · ".join(parts) if parts else ""
+        verdicts = self.verdicts()
+        if not verdicts:
+            return ""
+        parts = [f"{html.escape(label)}: <b>{v.label}</b>" for label, v in verdicts.items()]
+        short = [v.reasons[0] for v in verdicts.values() if v.label == TOO_SHORT]  # says why, once
+        return "<br>verdicts (workbench.experiments.collapse): " + " · ".join(parts + short[:1])
 
     def run_headless(self, steps: int | None = None) -> dict[str, list[Row]]:
         """Train ``steps`` (default: the steps box) rounds in the calling thread; returns :attr:`histories`.
