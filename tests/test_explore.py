@@ -131,35 +131,46 @@ def test_positive_mode_weighting_matches_explicit_sampling() -> None:
     assert d["tail_cond_mean"] > 0 > d["tail_uncond_mean"]
 
 
-def test_positive_mode_agrees_with_second_order_theory_at_small_sigma() -> None:
-    from workbench.theory import second_order_conditional_mean
+def test_positive_mode_agrees_with_second_order_mean_and_sits_below_the_papers_mode() -> None:
+    from workbench.theory import mode_mismatch, second_order_conditional_mean
 
     z = _logits(4, 32, 2.5, seed=7)
     sigma = 0.2
     d = ex.positive_mode_data(z, sigma, num_draws=3000, seed=8, edges=(0.0, 1e-3, 0.05, 0.5, 1.0))
-    for cond, ci, second, unc, unc_th, n in zip(
-        d["cond"], d["cond_ci"], d["theory_second_order"], d["uncond"], d["theory_uncond"], d["count"]
+    for cond, ci, second, mode, unc, unc_th, n in zip(
+        d["cond"],
+        d["cond_ci"],
+        d["theory_second_order"],
+        d["theory_mode"],
+        d["uncond"],
+        d["theory_uncond"],
+        d["count"],
     ):
         if n == 0:
             assert math.isnan(cond)
             continue
-        assert cond == pytest.approx(second, abs=ci + 2 * sigma**4)
+        assert cond == pytest.approx(second, abs=ci + 2 * sigma**4)  # the Monte Carlo follows the mean ...
+        assert mode >= second  # ... which sits below the paper's mode (by ½σ²(1 − Σp²))
         assert unc == pytest.approx(unc_th, abs=0.01)
-    # the vectorised second-order formula is the theory module's, token by token
-    p = torch.softmax(z.double(), -1)
-    tokens = torch.arange(32)
-    per_token = second_order_conditional_mean(p[0].expand(32, 32), tokens, sigma)
-    mask = (p[0] >= 1e-3) & (p[0] < 0.05)
-    if bool(mask.any()):
-        first_bin = float((p[0][mask] * per_token[mask]).sum() / p[0][mask].sum())
-        assert first_bin == pytest.approx(
-            float(
-                ((p[0] * sigma**2 * (0.5 - 2 * p[0] + 1.5 * (p[0] ** 2).sum()))[mask]).sum()
-                / p[0][mask].sum()
-            )
-        )
+    # the theory curves are the theory module's formulas, weighted by p within each bin
+    p = torch.softmax(z.double(), -1)  # (4, 32)
+    in_bin = (p >= 1e-3) & (p < 0.05)
+    explicit_mode = sigma**2 * (
+        1 - 2 * p + (p * p).sum(-1, keepdim=True)
+    )  # (1 − p_a)² + Σ_{k≠a} p_k², p' = p
+    assert torch.allclose(mode_mismatch(p, p, sigma), explicit_mode)
+    for key, values in (
+        ("theory_mode", explicit_mode),
+        ("theory_second_order", second_order_conditional_mean(p, sigma)),
+    ):
+        assert d[key][1] == pytest.approx(float((p * values)[in_bin].sum() / p[in_bin].sum()))
+    # the histogram panel marks the tail's mean and the paper's mode, the mode to the right of the mean
+    assert d["tail_mode_theory"] > d["tail_cond_mean"] > 0
     assert sum(d["hist_cond"]) == pytest.approx(1.0) and sum(d["hist_uncond"]) == pytest.approx(1.0)
     assert set(d["sampled"]) == {k for k in metrics.MISMATCH_METRIC_DOCS if "lowp" in k}
+    fig = ex.positive_mode_figure(d)
+    assert "log π_infer − log π_train" in fig.layout.title.text  # the figure states its sign convention
+    assert {a.text for a in fig.layout.annotations} >= {"mean", "paper's mode"}
 
 
 def test_positive_mode_rejects_bad_input() -> None:

@@ -21,6 +21,8 @@ from workbench.theory import (
     check_prop43,
     check_prop54,
     check_prop55,
+    mode_mismatch,
+    posterior_mode_perturbation,
     second_order_conditional_mean,
     summary_markdown,
 )
@@ -37,13 +39,13 @@ from workbench.theory.core import (
     validate_scale,
 )
 
-RECONSTRUCTED = {"thm_4_1", "prop_4_3", "prop_5_4"}
+RECONSTRUCTED = {"thm_4_1", "prop_5_4"}
 
 # the numeric criterion that must break when the statement's right-hand side is halved
 BREAKS_AT_HALF = {
     "thm_4_1": "identity_holds",
     "prop_4_2": "exact_bound_holds",
-    "prop_4_3": "flat/tilt_matches",
+    "prop_4_3": "flat/mode_matches_paper_formula",
     "prop_5_4": "tv_equals_one_minus_z",
     "prop_5_5": "bound_holds_worst_case_rewards",
 }
@@ -152,15 +154,76 @@ def test_prop42_instances_reach_the_bound(checks: dict[str, Check]) -> None:
     assert num["p_min"] < 1e-6 and num["p_max"] > 0.999  # both the tail and confident tokens are probed
 
 
-def test_prop43_positive_mode_and_second_order_value(checks: dict[str, Check]) -> None:
+def test_prop43_mode_mean_and_histogram_peak(checks: dict[str, Check]) -> None:
     num = checks["prop_4_3"].numeric
+    assert "log π_infer − log π_train" in num["sign_convention"]
     for shape in ("peaked", "medium", "flat"):
-        assert num[f"{shape}/cond_mean_ci_lo"] > 0  # the positive mode
-        assert num[f"{shape}/uncond_ci_hi"] < 0  # unconditionally Δ < 0
+        mode, mean = num[f"{shape}/mode_at_eps_star"], num[f"{shape}/cond_mean_tail"]
+        assert num[f"{shape}/mode_max_abs_error_over_sigma4"] < 0.1  # Δ(ε*) is the paper's bracket to O(σ⁴)
+        assert num[f"{shape}/cond_mean_ci_lo"] > 0 and num[f"{shape}/uncond_ci_hi"] < 0
         lo, hi = num[f"{shape}/cond_mean_ci_lo"], num[f"{shape}/cond_mean_ci_hi"]
-        assert lo - 0.3**4 <= num[f"{shape}/theory_second_order"] <= hi + 0.3**4
-    # a flat policy halves THEORY.md's σ²(1 − p): the second-order value is what the data follow
-    assert num["flat/ratio_estimate_over_digest"] < 0.7
+        assert lo - 0.3**4 <= num[f"{shape}/mean_theory_second_order"] <= hi + 0.3**4
+        # mean vs mode: the mean sits ½σ²(1 − Σp²) below the mode (up to O(σ⁴) and Monte Carlo error)
+        gap = 0.3**2 / 2 * (1 - num[f"{shape}/sum_p_sq"])
+        assert mode - mean == pytest.approx(gap, abs=0.3**4 + (hi - lo) / 2)
+        # the histogram of sampled tail tokens' Δ peaks near the mean, not at the mode
+        peak = num[f"{shape}/hist_peak_tail"]
+        assert abs(peak - mean) < abs(peak - mode)
+    # a flat policy: the mode is ≈ σ², the mean about half of it
+    assert num["flat/mode_at_eps_star"] > 1.8 * num["flat/cond_mean_tail"]
+
+
+def test_prop43_mode_criterion_catches_the_mean_passed_off_as_the_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import workbench.theory.prop43 as prop43_module
+
+    def mean_as_mode(p: torch.Tensor, p_infer: torch.Tensor, sigma: float) -> torch.Tensor:
+        return second_order_conditional_mean(p, sigma)
+
+    monkeypatch.setattr(prop43_module, "mode_mismatch", mean_as_mode)
+    check = check_prop43(0, num_draws=2000)
+    assert not any(check.criteria[f"{s}/mode_matches_paper_formula"] for s in ("peaked", "medium", "flat"))
+
+
+def test_posterior_mode_perturbation_maximises_the_posterior() -> None:
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 16, generator=g, dtype=torch.float64) * 2
+    tokens = torch.tensor([0, 3, 7, 11, 15])
+    sigma = 0.6
+    eps = posterior_mode_perturbation(z, tokens, sigma)  # (5, 16)
+
+    def log_post(e: torch.Tensor) -> torch.Tensor:  # (5,)
+        return (
+            -(e**2).sum(-1) / (2 * sigma**2) + torch.log_softmax(z + e, -1).gather(-1, tokens[:, None])[:, 0]
+        )
+
+    best = log_post(eps)
+    for _ in range(20):  # any nearby perturbation is less probable
+        assert bool(
+            (log_post(eps + 1e-2 * torch.randn(5, 16, generator=g, dtype=torch.float64)) < best).all()
+        )
+    # Δ at the mode is the paper's bracket to O(σ⁴), with p' the engine's policy at ε*
+    delta = (torch.log_softmax(z + eps, -1) - torch.log_softmax(z, -1)).gather(-1, tokens[:, None])[:, 0]
+    p, p_infer = torch.softmax(z, -1), torch.softmax(z + eps, -1)
+    formula = mode_mismatch(p, p_infer, sigma).gather(-1, tokens[:, None])[:, 0]
+    assert torch.allclose(delta, formula, atol=0.1 * sigma**4)
+    assert bool((delta > 0).all())
+    with pytest.raises(ValueError, match="sigma"):
+        posterior_mode_perturbation(z, tokens, 1.5)
+
+
+def test_mode_mismatch_limits_and_bracket() -> None:
+    sigma = 0.5
+    p = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    q = torch.tensor([0.6, 0.25, 0.15], dtype=torch.float64)
+    got = mode_mismatch(p, q, sigma)
+    for a in range(3):  # (1 − p_a)(1 − p'_a) + Σ_{k≠a} p_k p'_k, term by term
+        others = sum(float(p[k] * q[k]) for k in range(3) if k != a)
+        assert float(got[a]) == pytest.approx(sigma**2 * ((1 - float(p[a])) * (1 - float(q[a])) + others))
+    flat = torch.full((1000,), 1e-3, dtype=torch.float64)
+    assert float(mode_mismatch(flat, flat, sigma)[0]) == pytest.approx(sigma**2, rel=3e-3)  # flat: mode ≈ σ²
+    assert float(second_order_conditional_mean(flat, sigma)[0]) == pytest.approx(sigma**2 / 2, rel=3e-3)
 
 
 def test_prop55_bound_is_nontrivial_and_nearly_tight(checks: dict[str, Check]) -> None:
@@ -335,16 +398,11 @@ def test_second_order_conditional_mean_limits() -> None:
     sigma = 0.5
     uniform = torch.full((1000,), 1e-3, dtype=torch.float64)
     assert math.isclose(
-        float(second_order_conditional_mean(uniform, torch.tensor(0), sigma)),
-        sigma**2 * (0.5 - 2e-3 + 1.5e-3),
+        float(second_order_conditional_mean(uniform, sigma)[0]), sigma**2 * (0.5 - 2e-3 + 1.5e-3)
     )
     peaked = torch.tensor([1 - 1e-9, 1e-9], dtype=torch.float64)
-    assert math.isclose(
-        float(second_order_conditional_mean(peaked, torch.tensor(1), sigma)), 2 * sigma**2, rel_tol=1e-6
-    )
-    assert (
-        abs(float(second_order_conditional_mean(peaked, torch.tensor(0), sigma))) < 1e-6
-    )  # confident token: ≈ 0
+    assert math.isclose(float(second_order_conditional_mean(peaked, sigma)[1]), 2 * sigma**2, rel_tol=1e-6)
+    assert abs(float(second_order_conditional_mean(peaked, sigma)[0])) < 1e-6  # confident token: ≈ 0
 
 
 def test_bad_arguments_raise() -> None:

@@ -11,17 +11,18 @@ assumption, and cross-checks the statement numerically against the torch code in
 check                      statement                                                  status
 =========================  =========================================================  ===============
 :func:`check_thm41`        bias ``E_μ[g] − E_π[g] = E_μ[(1 − e^{−S}) g]``, O(T²Δ_max)   reconstructed
-:func:`check_prop42`       ``|Δ_a| ≤ 2ε(1 − p_a)`` (first order), exact form          as in THEORY.md
-:func:`check_prop43`       sampled tail tokens: ``δ_a | sampled ≈ N(σ², σ²)``         reconstructed
+:func:`check_prop42`       ``|Δ_a| ≤ 2ε(1 − p_a)`` (first order), exact form          quoted by reviews
+:func:`check_prop43`       ``Mode[Δ'_a | sampled] ≈ σ²[(1−p_a)(1−p'_a)+Σ p_k p'_k]``  quoted by reviews
 :func:`check_prop54`       ``D_TV(π, π^mp) = 1 − Z ≤ |V| ρ``                          reconstructed
 :func:`check_prop55`       ``|J_mp − J| ≤ R_max T (1 − Z_min)``                       as in THEORY.md
 =========================  =========================================================  ===============
 
-**Reconstructions.** The paper's full text was not available: Theorem 4.1, Proposition 4.3 and
-Proposition 5.4 are the workbench's reconstructions (THEORY.md), derived to match the abstract and the quoted
-bounds; their checks carry ``reconstructed=True`` and say so in their notes. The Prop 4.3 check also derives
-the exact second-order conditional mean, ``σ²(½ − 2p_a + (3/2)Σ p_b²)``, which THEORY.md's ``σ²(1 − p_a)``
-approximates only within a factor 2 (see :mod:`workbench.theory.prop43`).
+**Reconstructions.** The paper's full text was not available: Theorem 4.1 and Proposition 5.4 are the
+workbench's reconstructions (THEORY.md), derived to match the abstract and the quoted bounds; their checks carry
+``reconstructed=True`` and say so in their notes. Propositions 4.2 and 4.3 are as two reviews of the paper quote
+them. Proposition 4.3 is a statement about the *mode* of ``Δ'_a = log π_infer − log π_train`` (the paper's own Δ
+has the opposite sign); its check verifies the mode at the posterior-mode perturbation and, as a complement, the
+second-order conditional mean ``σ²(½ − 2p_a + (3/2)Σ p_b²)`` (see :mod:`workbench.theory.prop43`).
 
 Every check takes ``scale`` (default 1): it multiplies the statement's right-hand side. Anything but 1 is a
 deliberately wrong statement, and the check must fail on it — the tests use ``scale=0.5`` to show that both the
@@ -42,13 +43,20 @@ from collections.abc import Callable
 
 from workbench.theory.core import Check, Step, TreePolicy, summary_markdown
 from workbench.theory.prop42 import check_prop42
-from workbench.theory.prop43 import check_prop43, second_order_conditional_mean
+from workbench.theory.prop43 import (
+    SIGN_CONVENTION,
+    check_prop43,
+    mode_mismatch,
+    posterior_mode_perturbation,
+    second_order_conditional_mean,
+)
 from workbench.theory.prop54 import check_prop54
 from workbench.theory.prop55 import check_prop55
 from workbench.theory.thm41 import check_thm41
 
 __all__ = [
     "CHECKS",
+    "SIGN_CONVENTION",
     "Check",
     "Step",
     "TreePolicy",
@@ -58,6 +66,8 @@ __all__ = [
     "check_prop54",
     "check_prop55",
     "check_thm41",
+    "mode_mismatch",
+    "posterior_mode_perturbation",
     "second_order_conditional_mean",
     "summary_markdown",
 ]

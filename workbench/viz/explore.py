@@ -14,7 +14,7 @@ explorer               what it shows                                            
 =====================  ==========================================================  =========
 (static)               Δ between trainer and fp32/bf16/fp16 engines, by p-bin      01
 EnvelopeExplorer       ε slider: measured |Δ| under ‖δ‖∞ ≤ ε vs 2ε(1 − p)          02
-PositiveModeExplorer   σ slider: E[Δ | a sampled] by p, Monte Carlo vs theory       03
+PositiveModeExplorer   σ slider: Δ of sampled tokens by p, MC vs mode and mean      03
 (static)               bias and sequence mismatch vs the horizon T                 04
 SafeSetExplorer        ρ slider on real logits: V_S, Z, 1 − Z vs Props 5.4/5.5     05
 =====================  ==========================================================  =========
@@ -38,6 +38,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from workbench import dvp, metrics
+from workbench.theory.prop43 import SIGN_CONVENTION, mode_mismatch, second_order_conditional_mean
 
 __all__ = [
     "EnvelopeExplorer",
@@ -550,9 +551,10 @@ def positive_mode_data(
     tail_p: float = 1e-3,
     hist_bins: int = 60,
 ) -> dict[str, Any]:
-    """Monte Carlo of Prop 4.3 on logit rows: ``E[Δ_a | a sampled]`` by trainer probability, vs theory.
+    """Monte Carlo of Prop 4.3 on logit rows: ``E[Δ_a | a sampled]`` by trainer probability, vs the paper's mode.
 
-    For each row ``z`` and each of ``num_draws`` draws ``δ ~ N(0, σ²I)``, every token ``a`` is weighted by
+    Δ is in our sign convention, :data:`workbench.theory.prop43.SIGN_CONVENTION` (``log μ − log π``, the
+    paper's ``Δ'``; the paper's own Δ has the opposite sign). For each row ``z`` and each of ``num_draws`` draws ``δ ~ N(0, σ²I)``, every token ``a`` is weighted by
     ``μ_a(δ) = softmax(z + δ)_a`` — the probability the engine samples it — so the conditional mean
     ``E[Δ_a | a sampled] = E_δ[μ_a Δ_a] / E_δ[μ_a]`` is estimated from all tokens at once (no sampling noise in
     ``a``, so rare tail tokens get precise estimates too). Per bin of ``p = π(a)``:
@@ -560,12 +562,15 @@ def positive_mode_data(
     - ``cond``: the conditional mean over the bin's tokens (each weighted by how often the engine samples it),
       with a 95% interval over draws (delta method);
     - ``uncond``: the plain mean of Δ over the bin's tokens (a token picked without looking at δ);
-    - ``theory_digest``: THEORY.md's ``σ²(1 − p)`` and ``theory_second_order``: ``σ²(½ − 2p + (3/2)Σ_b p_b²)``
-      (:func:`workbench.theory.second_order_conditional_mean`), both weighted like ``cond``; ``theory_uncond``:
-      ``−(σ²/2)(1 − Σ_b p_b²)``.
+    - ``theory_mode``: the paper's mode ``σ²[(1 − p_a)(1 − p'_a) + Σ_{k≠a} p_k p'_k]`` at its leading order
+      ``p' = p`` (:func:`workbench.theory.mode_mismatch`; ``p'`` at the exact posterior mode differs by O(σ²),
+      the value by O(σ⁴), see :func:`workbench.theory.check_prop43`) and ``theory_second_order``: the mean
+      ``σ²(½ − 2p + (3/2)Σ_b p_b²)`` (:func:`workbench.theory.second_order_conditional_mean`), both weighted
+      like ``cond``; ``theory_uncond``: ``−(σ²/2)(1 − Σ_b p_b²)``.
 
     Also the distribution of Δ of tail tokens (``p < tail_p``) with and without conditioning on being sampled
-    (a μ-weighted and an unweighted histogram), and ``tail``: :func:`workbench.metrics.sampled_tail_delta` of
+    (a μ-weighted and an unweighted histogram) with ``tail_cond_mean`` and ``tail_mode_theory`` (the paper's
+    mode averaged over the tail tokens, weighted by ``p``, as the engine samples them) to mark on it, and ``tail``: :func:`workbench.metrics.sampled_tail_delta` of
     one token actually sampled per (row, draw) — what a training log would show.
 
     Args:
@@ -599,9 +604,8 @@ def positive_mode_data(
     p = lp.exp()
     idx = (torch.bucketize(p, e, right=True) - 1).clamp(0, n_bins - 1)  # (R, V) bin of each token
     sum_sq = (p * p).sum(-1, keepdim=True)  # (R, 1)
-    theory_digest = sigma**2 * (1 - p)  # (R, V)
-    # workbench.theory.second_order_conditional_mean for every token at once (its p·1[a] gather, vectorised)
-    theory_second = sigma**2 * (0.5 - 2 * p + 1.5 * sum_sq)  # (R, V)
+    theory_mode = mode_mismatch(p, p, sigma)  # (R, V), leading order p' = p
+    theory_second = second_order_conditional_mean(p, sigma)  # (R, V)
     theory_unc = (-(sigma**2) / 2 * (1 - sum_sq)).expand(R, V)
 
     num = torch.zeros(num_draws, n_bins, dtype=torch.float64)  # per draw: Σ_{(r,a) ∈ bin} μ_a Δ_a
@@ -671,12 +675,15 @@ def positive_mode_data(
         "cond": listed(cond),
         "cond_ci": listed(1.96 * se),
         "uncond": listed(unc / count),
-        "theory_digest": listed(weighted(theory_digest)),
+        "theory_mode": listed(weighted(theory_mode)),
         "theory_second_order": listed(weighted(theory_second)),
         "theory_uncond": listed(plain(theory_unc)),
         "tail_p": tail_p,
         "tail_cond_mean": tail_cond_num / tail_cond_den if tail_cond_den > 0 else nan,
         "tail_uncond_mean": tail_unc_sum / tail_unc_n if tail_unc_n else nan,
+        "tail_mode_theory": float((w * theory_mode.flatten())[tail.flatten()].sum() / w[tail.flatten()].sum())
+        if bool(tail.any())
+        else nan,
         "hist_centers": ((hist_edges[1:] + hist_edges[:-1]) / 2).tolist(),
         "hist_cond": hist_c.tolist(),
         "hist_uncond": hist_u.tolist(),
@@ -694,22 +701,27 @@ def _bin_labels(lo: Sequence[float], hi: Sequence[float]) -> list[str]:
 
 
 def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
-    """Two panels: E[Δ | a sampled] by p-bin with both theory curves (left), and Δ of tail tokens with and
-    without conditioning on being sampled (right). Trace order is fixed (see :class:`PositiveModeExplorer`)."""
+    """Two panels: E[Δ | a sampled] by p-bin with the paper's mode and the second-order mean (left), and Δ of
+    tail tokens with and without conditioning on being sampled, the tail's mean and the paper's mode marked
+    (right). Δ = log μ − log π throughout (:data:`~workbench.theory.prop43.SIGN_CONVENTION`). Trace order is
+    fixed (see :class:`PositiveModeExplorer`)."""
     s2 = data["sigma"] ** 2
     labels = _bin_labels(data["lo"], data["hi"])
     fig = make_subplots(
         rows=1,
         cols=2,
         column_widths=[0.58, 0.42],
-        subplot_titles=("mean Δ by trainer probability p", f"Δ of tail tokens (p < {data['tail_p']:.0e})"),
+        subplot_titles=(
+            "Δ of sampled tokens by trainer probability p",
+            f"Δ of tail tokens (p < {data['tail_p']:.0e})",
+        ),
     )
     ci = {"type": "data", "array": _finite_or_none(data["cond_ci"]), "visible": True}
     # Monte Carlo curves (dash None: markers on a solid line), each followed by its theory curves (dashed)
     for key, label, color, dash in (
         ("cond", "E[Δ | engine sampled a] (Monte Carlo, 95% CI)", _COLORS[1], None),
-        ("theory_digest", "σ²(1 − p) (THEORY.md)", _COLORS[1], "dot"),
-        ("theory_second_order", "σ²(½ − 2p + 3/2·Σp²) (2nd order)", _COLORS[3], "dash"),
+        ("theory_mode", "paper's mode σ²[(1−p)(1−p′) + Σ p_k p′_k], p′ ≈ p", _COLORS[4], "dot"),
+        ("theory_second_order", "mean σ²(½ − 2p + 3/2·Σp²) (2nd order)", _COLORS[3], "dash"),
         ("uncond", "E[Δ] for any token (Monte Carlo)", _COLORS[0], None),
         ("theory_uncond", "−(σ²/2)(1 − Σp²)", _COLORS[0], "dot"),
     ):
@@ -734,15 +746,24 @@ def positive_mode_figure(data: Mapping[str, Any]) -> go.Figure:
             row=1,
             col=2,
         )
+    for key, label, color in (
+        ("tail_cond_mean", "mean", _COLORS[1]),
+        ("tail_mode_theory", "paper's mode", _COLORS[4]),
+    ):
+        if math.isfinite(data[key]):
+            fig.add_vline(
+                x=data[key], line={"color": color, "dash": "dot"}, annotation_text=label, row=1, col=2
+            )
     fig.add_hline(y=0, line={"color": "gray", "width": 1}, row=1, col=1)
-    fig.update_yaxes(title_text="Δ = log μ(a) − log π(a)", row=1, col=1)
+    fig.update_yaxes(title_text="Δ = log μ(a) − log π(a)  (paper: Δ′ = −Δ^paper)", row=1, col=1)
     fig.update_xaxes(title_text="bin of p = π(a)", row=1, col=1)
     fig.update_xaxes(title_text="Δ", row=1, col=2)
     fig.update_yaxes(title_text="fraction", row=1, col=2)
     fig.update_layout(
         title=(
             f"Prop 4.3 at σ = {data['sigma']:.3g} (σ² = {s2:.3g}): sampled tail tokens have mean Δ = "
-            f"{data['tail_cond_mean']:+.3g}, any tail token {data['tail_uncond_mean']:+.3g}"
+            f"{data['tail_cond_mean']:+.3g} (paper's mode {data['tail_mode_theory']:+.3g}), any tail token "
+            f"{data['tail_uncond_mean']:+.3g}<br><sup>{SIGN_CONVENTION}</sup>"
         ),
         template="plotly_white",
         barmode="overlay",
