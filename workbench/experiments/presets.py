@@ -25,6 +25,8 @@ scenario            engine
 ``kvquant``         bf16 + a 4-bit KV cache (int4 KV-cache quantisation)
 ``gaussian``        bf16 + i.i.d. Gaussian logit noise σ (the paper's Prop 4.3 model) on the
                     label-smoothed policy, whose unused ids sit close enough to the max for σ to reach
+``vllm_bf16``       real vLLM (CPU build, or CUDA) serving the policy in bf16 against the fp32 trainer: no
+                    emulation at all — the mismatch of a real engine (its ``control`` arm is fp32 vLLM)
 ==================  ====================================================================================
 """
 
@@ -95,6 +97,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "kvquant": {**_MULTIADD, "perturbation": "kvquant:4"},
     # Gaussian logit noise (Prop 4.3) on the label-smoothed policy with a heavier tail.
     "gaussian": {**_MULTIADD, "model": "multiadd_smooth", "perturbation": "gaussian:0.5"},
+    # Real vLLM in bf16, no emulated perturbation: what a real engine's mismatch does to the headline setup.
+    "vllm_bf16": {**_MULTIADD, "engine": "vllm"},
 }
 
 
