@@ -89,15 +89,18 @@ def test_envelope_rejects_bad_input() -> None:
         ex.envelope_data(torch.zeros(5), 0.1)
 
 
-def test_precision_envelope_measures_each_rows_eps() -> None:
+def test_precision_envelope_measures_each_rows_shift_invariant_eps() -> None:
+    from workbench.theory import logit_error
+
     z = _logits(5, 50, 3.0, seed=2).double()
     g = torch.Generator().manual_seed(3)
     delta = 0.05 * (2 * torch.rand(z.shape, generator=g, dtype=torch.float64) - 1)
-    delta[:, 0] = 0.05  # every row reaches ε exactly
-    d = ex.precision_envelope_data(z, z + delta)
-    assert d["eps_max"] == pytest.approx(0.05) and d["eps_mean"] == pytest.approx(0.05)
+    delta[:, 0], delta[:, 1] = 0.05, -0.05  # every row's δ spans [−ε, ε] exactly
+    d = ex.precision_envelope_data(z, z + 3.0 + delta)  # plus a constant shift: softmax ignores it
+    assert d["eps_max"] == pytest.approx(0.05) and d["eps_mean"] == pytest.approx(0.05)  # not max |δ| ≈ 3.05
+    assert d["eps_mean"] == pytest.approx(float(logit_error(z, z + 3.0 + delta).mean()))  # the one ε
     assert d["max_ratio"] <= math.expm1(0.1) / 0.1 + 1e-9
-    with pytest.raises(ValueError, match="same rows"):
+    with pytest.raises(ValueError, match="same states"):
         ex.precision_envelope_data(z, z[:2])
 
 

@@ -21,8 +21,10 @@ from workbench.theory import (
     check_prop43,
     check_prop54,
     check_prop55,
+    logit_error,
     mode_mismatch,
     posterior_mode_perturbation,
+    prop42_envelope,
     second_order_conditional_mean,
     summary_markdown,
 )
@@ -152,6 +154,33 @@ def test_prop42_instances_reach_the_bound(checks: dict[str, Check]) -> None:
     assert num["max_ratio_first_order"] > 1.0  # the first-order bound really is only first order ...
     assert num["max_ratio_first_order"] <= num["first_order_ratio_cap"]  # ... within (e^{2ε} − 1)/2ε
     assert num["p_min"] < 1e-6 and num["p_max"] > 0.999  # both the tail and confident tokens are probed
+
+
+def test_logit_error_is_the_smallest_sup_norm_over_shifts() -> None:
+    g = torch.Generator().manual_seed(4)
+    zt = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    delta = 0.3 * torch.randn(6, 20, generator=g, dtype=torch.float64)
+    eps = logit_error(zt, zt + delta)
+    shifts = torch.linspace(-2, 2, 4001, dtype=torch.float64)  # brute force min_c ‖δ − c‖∞
+    brute = (delta[:, None, :] - shifts[None, :, None]).abs().amax(-1).amin(-1)
+    assert torch.allclose(eps, brute, atol=1e-3) and bool((eps <= brute + 1e-12).all())
+    assert torch.allclose(logit_error(zt, zt + delta + 7.0), eps)  # shift-invariant, unlike max |δ|
+    with pytest.raises(ValueError, match="same states"):
+        logit_error(zt, zt[:2])
+
+
+def test_prop42_envelope_bounds_measured_gaps_with_the_shift_invariant_eps() -> None:
+    g = torch.Generator().manual_seed(5)
+    zt = torch.randn(64, 30, generator=g, dtype=torch.float64) * 4
+    ze = zt + 0.2 * (2 * torch.rand(64, 30, generator=g, dtype=torch.float64) - 1) + 5.0  # shifted engine
+    logp = torch.log_softmax(zt, -1)
+    gap = (torch.log_softmax(ze, -1) - logp).abs()  # (64, 30)
+    eps = logit_error(zt, ze)[:, None]  # (64, 1)
+    exact, first = prop42_envelope(logp, eps), prop42_envelope(logp, eps, exact=False)
+    assert bool((gap <= exact + 1e-12).all())  # the exact bound holds for every token
+    assert torch.allclose(exact, 2 * eps * (1 - logp.exp() * torch.exp(-2 * eps)))
+    assert torch.allclose(first, 2 * eps * (1 - logp.exp()))
+    assert float((gap / exact).max()) > 0.3  # not vacuous: ε is the shift-free size, not max |δ| ≈ 5.2
 
 
 def test_prop43_mode_mean_and_histogram_peak(checks: dict[str, Check]) -> None:

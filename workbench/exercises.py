@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from workbench.dvp import DEFAULT_RHO
+
 __all__ = [
     "EXERCISES",
     "ExerciseFailure",
@@ -502,13 +504,15 @@ def check_exact_bound(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Pass
     Returns:
         :class:`Passed` when it matches the formula for several ε (and hence bounds every measured Δ).
     """
+    from workbench.theory.prop42 import prop42_envelope
+
     name = "check_exact_bound"
     p = torch.tensor([1e-9, 1e-4, 0.01, 0.3, 0.5, 0.9, 0.999, 1.0], dtype=torch.float64)
     eps_values = (0.001, 0.05, 0.5, 2.0)
     for eps in eps_values:
         case = f"p={_fmt(p)}, eps={eps}"
         got = _tensor(_call(fn, name, case, p.clone(), eps), name, case, "the bound", p.shape)
-        expected = 2 * eps * (1 - p * math.exp(-2 * eps))
+        expected = prop42_envelope(p.log(), eps)
         _compare(
             name, case, got, expected, atol=1e-9, rtol=1e-6,
             diagnoses=[
@@ -784,7 +788,7 @@ def _safe_cases(seed: int) -> list[tuple[str, torch.Tensor, float]]:
     """Logit tensors whose entries stay clear of the ρ cut (so float rounding cannot decide a case), plus ties."""
     g = _gen(seed)
     out: list[tuple[str, torch.Tensor, float]] = []
-    for shape, scale, rho in (((4, 16), 3.0, 1e-2), ((2, 3, 50), 6.0, math.exp(-13)), ((5, 8), 1.0, 0.3)):
+    for shape, scale, rho in (((4, 16), 3.0, 1e-2), ((2, 3, 50), 6.0, DEFAULT_RHO), ((5, 8), 1.0, 0.3)):
         z = scale * torch.randn(shape, generator=g)
         gap = z - z.amax(-1, keepdim=True) - math.log(rho)  # (.., V) distance to the cut
         z = torch.where(gap.abs() < 1e-2, z + 0.05, z)
@@ -887,7 +891,7 @@ def check_pruned_logprob(fn: Callable[[torch.Tensor, torch.Tensor, float], torch
     name = "check_pruned_logprob"
     g = _gen(13)
     cases = []
-    for n, v, scale, rho in ((6, 10, 3.0, 1e-2), (8, 64, 5.0, math.exp(-13)), (4, 5, 1.0, 0.5)):
+    for n, v, scale, rho in ((6, 10, 3.0, 1e-2), (8, 64, 5.0, DEFAULT_RHO), (4, 5, 1.0, 0.5)):
         z = scale * torch.randn(n, v, generator=g, dtype=torch.float64)
         tok = torch.randint(0, v, (n,), generator=g)
         safe = safe_mask(z, rho)

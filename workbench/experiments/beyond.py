@@ -23,6 +23,7 @@ import torch
 
 from workbench import dvp, models
 from workbench.experiments.runner import ArmResults, run_arms
+from workbench.theory.prop55 import bias_bound
 
 __all__ = ["LOSS_VARIANTS", "Prop55Point", "adaptive_rho", "loss_variants", "prop55_on_policy"]
 
@@ -131,7 +132,7 @@ def prop55_on_policy(
                 n_states=int(omz.numel()),
                 one_minus_z_mean=float(omz.mean()),
                 one_minus_z_max=float(omz.max()),
-                bound=horizon * float(omz.max()),
+                bound=bias_bound(float(omz.max()), horizon),
                 tv_exact=float(1 - torch.cat(prod_z).mean()),
                 j_gap=gap,
                 j_gap_se=se,

@@ -90,8 +90,11 @@ class ProbeBatch:
     """The engine's :class:`~workbench.engines.Rollout`."""
     logits_train: torch.Tensor
     """``(N, T, V)`` fp32 trainer logits (temperature applied)."""
-    logits_engine: torch.Tensor
-    """``(N, T, V)`` the engine's processed logits (temperature + perturbation, before min-p)."""
+    logits_engine: torch.Tensor | None
+    """``(N, T, V)`` the engine's processed logits (temperature + perturbation, before min-p); ``None``
+    for an engine that reports only the sampled tokens' log-probs (vLLM)."""
+    engine: Any
+    """The engine that sampled the batch (for follow-up checks on the same weights)."""
 
 
 def probe_batches(
@@ -99,6 +102,7 @@ def probe_batches(
     tokenizer: Any,
     task: Any,
     *,
+    engine: str = "torch",
     engine_dtype: str = "bf16",
     perturbation: str | None = None,
     rho: float | None = None,
@@ -114,6 +118,8 @@ def probe_batches(
     Args:
         model, tokenizer: the policy (the trainer side runs it in fp32, as :class:`RLOOTrainer` does).
         task: a :class:`~workbench.tasks.Task` (prompts come from ``task.sample``).
+        engine: ``"torch"`` or ``"vllm"``, built by :func:`workbench.engines.make_engine` as the trainer
+            builds it; only ``"torch"`` records its logits (``ProbeBatch.logits_engine``).
         engine_dtype: engine weight precision.
         perturbation: engine perturbation spec (:func:`workbench.engines.make_perturbation`).
         rho: ρ the engine samples with (``None``: full vocabulary).
@@ -124,18 +130,12 @@ def probe_batches(
         seed: seeds prompts, sampling and perturbation noise.
         max_new_tokens: response cap (``None``: the task's).
     """
-    from workbench.engines import TorchEngine, make_perturbation, position_ids
+    from workbench.engines import make_engine, make_perturbation, position_ids
 
     if n_trajectories < 1:
         raise ValueError(f"n_trajectories={n_trajectories} must be >= 1")
-    rec = LogitRecorder(make_perturbation(perturbation))
-    engine = TorchEngine(
-        model,
-        dtype=engine_dtype,
-        perturbation=rec,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    rec = LogitRecorder(make_perturbation(perturbation)) if engine == "torch" else None
+    sampler = make_engine(engine, model, tokenizer, dtype=engine_dtype, perturbation=rec)
     rng = random.Random(seed)
     max_tokens = max_new_tokens or task.max_new_tokens
     n_batches = -(-n_trajectories // (batch_prompts * k))
@@ -143,17 +143,18 @@ def probe_batches(
     for b in range(n_batches):
         problems = task.sample(batch_prompts, rng)
         prompts = [models.encode_prompt(tokenizer, p.prompt) for p in problems]
-        rec.clear()
-        rollout = engine.generate(
+        if rec is not None:
+            rec.clear()
+        rollout = sampler.generate(
             prompts, n=k, max_tokens=max_tokens, rho=rho, temperature=temperature, seed=seed * 7919 + b
         )
-        z_engine = rec.stacked()  # (N, T, V)
+        z_engine = rec.stacked() if rec is not None else None  # (N, T, V)
         with torch.no_grad():
             attn = rollout.attention_mask
             out = model(input_ids=rollout.sequences, attention_mask=attn, position_ids=position_ids(attn))
             p = rollout.prompt_len
             z_train = out.logits[:, p - 1 : -1].float() / temperature  # (N, T, V)
-        yield ProbeBatch(rollout, z_train, z_engine)
+        yield ProbeBatch(rollout, z_train, z_engine, sampler)
 
 
 def envelope_terms(

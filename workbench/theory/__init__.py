@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from workbench.theory.core import Check, Step, TreePolicy, summary_markdown
-from workbench.theory.prop42 import check_prop42
+from workbench.theory.prop42 import check_prop42, logit_error, prop42_envelope
 from workbench.theory.prop43 import (
     SIGN_CONVENTION,
     check_prop43,
@@ -66,8 +66,10 @@ __all__ = [
     "check_prop54",
     "check_prop55",
     "check_thm41",
+    "logit_error",
     "mode_mismatch",
     "posterior_mode_perturbation",
+    "prop42_envelope",
     "second_order_conditional_mean",
     "summary_markdown",
 ]

@@ -38,7 +38,59 @@ from workbench.theory.core import (
     validate_scale,
 )
 
-__all__ = ["check_prop42"]
+__all__ = ["check_prop42", "logit_error", "prop42_envelope"]
+
+
+def logit_error(logits_train: torch.Tensor, logits_engine: torch.Tensor) -> torch.Tensor:
+    """Prop 4.2's ε at each state: ``½(max_b δ_b − min_b δ_b)`` with ``δ = z_engine − z_train``.
+
+    Softmax ignores a constant shift of the logits, so the ε that matters is the smallest ``‖δ − c‖_∞`` over
+    constants ``c`` — half the range of δ, reached at ``c`` = the midrange. ``max |δ|`` is not shift-invariant:
+    an engine that adds 3 to every logit has ``max |δ| = 3`` and no mismatch at all. Every ε the workbench
+    measures (figures, the signature experiment, the lesson 08 checker) is this one.
+
+    Args:
+        logits_train: ``(..., V)`` trainer logits.
+        logits_engine: ``(..., V)`` the engine's logits at the same states.
+
+    Returns:
+        ``(...)`` ε per state, fp64.
+
+    >>> zt = torch.tensor([[0.0, 1.0, 2.0]])
+    >>> logit_error(zt, zt + torch.tensor([[3.1, 3.0, 2.9]]))  # a shift of 3 plus ±0.1
+    tensor([0.1000], dtype=torch.float64)
+    """
+    if logits_train.shape != logits_engine.shape:
+        raise ValueError(
+            f"logits_engine has shape {tuple(logits_engine.shape)}, logits_train {tuple(logits_train.shape)}; "
+            "pass the logits of the same states"
+        )
+    delta = logits_engine.double() - logits_train.double()  # (..., V)
+    return 0.5 * (delta.amax(-1) - delta.amin(-1))
+
+
+def prop42_envelope(logp: torch.Tensor, eps: torch.Tensor | float, *, exact: bool = True) -> torch.Tensor:
+    """Prop 4.2's bound on ``|Δ_a|``: ``2ε(1 − p_a e^{−2ε})`` (exact) or ``2ε(1 − p_a)`` (first order).
+
+    Takes ``log p`` so that ``1 − p e^{−2ε} = −expm1(log p − 2ε)`` stays accurate for confident tokens, where
+    the bound is tiny. ``eps`` is :func:`logit_error` for a measured engine, or the box size ``‖δ‖_∞ ≤ ε``.
+
+    Args:
+        logp: trainer log-probabilities ``log p_a`` (any shape).
+        eps: ε, a float or a tensor broadcastable against ``logp``.
+        exact: the exact bound (default) or the first-order envelope.
+
+    Returns:
+        The bound, in ``logp``'s (floating) dtype and broadcast shape.
+
+    >>> logp = torch.tensor([-1e-3, -30.0], dtype=torch.float64)  # a confident token (p ≈ 0.999), a tail token
+    >>> prop42_envelope(logp, 0.1), prop42_envelope(logp, 0.1, exact=False)
+    (tensor([0.0364, 0.2000], dtype=torch.float64), tensor([1.9990e-04, 2.0000e-01], dtype=torch.float64))
+    """
+    eps_t = torch.as_tensor(eps, dtype=logp.dtype, device=logp.device)
+    shifted = logp - 2 * eps_t if exact else logp
+    return 2 * eps_t * -torch.expm1(shifted)
+
 
 STATEMENT = Statement(
     name="prop_4_2",
@@ -266,8 +318,8 @@ def check_prop42(
     # fp32 log-probs: allow a few ulps of |log p| on top of the bound
     tol = 8 * torch.finfo(torch.float32).eps * (1 + logp.abs() + logmu.abs())
 
-    exact = 2 * e3 * (1 - p * torch.exp(-2 * e3))
-    first = 2 * e3 * one_minus_p
+    exact = prop42_envelope(logp, e3)
+    first = prop42_envelope(logp, e3, exact=False)
     first_exact = torch.expm1(2 * e3) * one_minus_p
     cap = (2 * e3).expand_as(d_abs)
 

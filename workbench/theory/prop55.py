@@ -37,7 +37,7 @@ from workbench.theory.core import (
     validate_scale,
 )
 
-__all__ = ["check_prop55", "hybrid_steps"]
+__all__ = ["bias_bound", "check_prop55", "hybrid_steps"]
 
 STATEMENT = Statement(
     name="prop_5_5",
@@ -49,6 +49,23 @@ STATEMENT = Statement(
     ),
     reconstructed=False,
 )
+
+
+def bias_bound(one_minus_z_min: float, horizon: int, r_max: float = 1.0) -> float:
+    """The statement's right-hand side ``R_max · T · (1 − Z_min)``, for a measured ``1 − Z_min``.
+
+    Evaluated on the retained mass of the states a policy visits (``workbench diagnose``,
+    :func:`workbench.experiments.beyond.prop55_on_policy`), where ``1 − Z_min`` is the largest pruned mass
+    seen: an estimate of the bound from below, since unvisited states may prune more.
+
+    >>> bias_bound(0.002, horizon=24)
+    0.048
+    """
+    if not 0.0 <= one_minus_z_min <= 1.0:
+        raise ValueError(f"one_minus_z_min={one_minus_z_min!r} must be in [0, 1] (a pruned probability mass)")
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"horizon={horizon!r} must be an integer >= 1 (the response length cap T)")
+    return r_max * horizon * one_minus_z_min
 
 
 @functools.lru_cache(maxsize=2)

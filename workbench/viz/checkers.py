@@ -20,7 +20,7 @@ checker                                lesson  reference
 :func:`check_max_safe_rho`             07      the definition of V_S (:func:`workbench.dvp.safe_mask`)
 :func:`check_safe_set_overlap`         08      :func:`workbench.metrics.safe_set_overlap`
 :func:`check_boundary_tokens`          08      :func:`workbench.metrics.boundary_tokens`
-:func:`check_envelope_eps`             08      :func:`workbench.experiments.signature.envelope_terms`
+:func:`check_envelope_eps`             08      :func:`workbench.theory.logit_error`
 :func:`check_processed_log_ratio`      09      :func:`workbench.dvp.token_logprobs` minus the engine's log μ^mp
 :func:`check_grpo_advantages`          10      :func:`workbench.rloo.grpo_advantages`
 :func:`check_ppo_clip_loss`            10      :func:`workbench.rloo.policy_loss` (ppo_clip)
@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
+from workbench.dvp import DEFAULT_RHO
 from workbench.exercises import ExerciseFailure, Passed, _call, _compare, _gen, _show, _tensor
+from workbench.theory.prop42 import logit_error
 
 __all__ = [
     "check_boundary_tokens",
@@ -247,7 +249,7 @@ def check_safe_set_overlap(fn: Callable[[torch.Tensor, torch.Tensor, float], tor
     from workbench.metrics import safe_set_overlap
 
     name = "check_safe_set_overlap"
-    cases = [(*_engine_pair(s), rho) for s, rho in ((0, 1e-2), (1, 1e-4), (2, math.exp(-13)))]
+    cases = [(*_engine_pair(s), rho) for s, rho in ((0, 1e-2), (1, 1e-4), (2, DEFAULT_RHO))]
     for zt, ze, rho in cases:
         case = f"logits {tuple(zt.shape)}, rho={rho:.3g}"
         got = _tensor(
@@ -324,11 +326,9 @@ def check_envelope_eps(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
         fn: ``fn(logits_train [R,V], logits_engine [R,V]) -> ε [R]``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` agrees with
-        :func:`workbench.experiments.signature.envelope_terms`.
+        :class:`~workbench.exercises.Passed` when ``fn`` agrees with :func:`workbench.theory.logit_error`, the
+        one ε every figure and experiment of the workbench uses.
     """
-    from workbench.experiments.signature import envelope_terms
-
     name = "check_envelope_eps"
     cases = [_engine_pair(s) for s in (0, 1)]
     zt = _logits(2)
@@ -336,8 +336,7 @@ def check_envelope_eps(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     for zt, ze in cases:
         case = f"logits {tuple(zt.shape)}"
         got = _tensor(_call(fn, name, case, zt.clone(), ze.clone()), name, case, "ε", zt.shape[:1])
-        rows = torch.ones(zt.shape[0], dtype=torch.bool)
-        _, expected, _ = envelope_terms(zt, ze, zt.argmax(-1), rows)
+        expected = logit_error(zt, ze)
         delta = (ze - zt).double()
         _compare(
             name, case, got, expected, what="the result",
@@ -499,7 +498,11 @@ def check_entropy_scaled_log_rho(fn: Callable[[torch.Tensor, float, float], torc
     from workbench.trainer import entropy_scaled_safe_mask
 
     name = "check_entropy_scaled_log_rho"
-    cases = [(_logits(0), -13.0, 0.5), (_logits(1, scale=0.5), -13.0, 0.2), (_logits(2), -5.0, 0.0)]
+    cases = [
+        (_logits(0), math.log(DEFAULT_RHO), 0.5),
+        (_logits(1, scale=0.5), math.log(DEFAULT_RHO), 0.2),
+        (_logits(2), -5.0, 0.0),
+    ]
     for z, log_rho, kappa in cases:
         case = f"logits {tuple(z.shape)}, log_rho0={log_rho}, kappa={kappa}"
         got = _tensor(_call(fn, name, case, z.clone(), log_rho, kappa), name, case, "log ρ(s)", z.shape[:1])

@@ -38,6 +38,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from workbench import dvp, metrics
+from workbench.theory.prop42 import logit_error, prop42_envelope
 from workbench.theory.prop43 import SIGN_CONVENTION, mode_mismatch, second_order_conditional_mean
 
 __all__ = [
@@ -162,13 +163,14 @@ def sample_policy(
     num_prompts: int = 16,
     n: int = 4,
     max_tokens: int | None = None,
+    engine: str = "torch",
     engine_dtype: str = "fp32",
     perturbation: str | None = None,
     rho: float | None = None,
     temperature: float = 1.0,
     seed: int = 0,
 ) -> PolicySample:
-    """Sample responses with a :class:`~workbench.engines.TorchEngine` and score them with the trainer.
+    """Sample responses with a rollout engine and score them with the trainer.
 
     Args:
         model: the trainer's policy (fp32); the engine rounds its own copy to ``engine_dtype``.
@@ -178,6 +180,8 @@ def sample_policy(
         num_prompts: distinct prompts (drawn with ``random.Random(seed)``).
         n: samples per prompt.
         max_tokens: response budget (default: the task's ``max_new_tokens``).
+        engine: ``"torch"`` (:class:`~workbench.engines.TorchEngine`, emulated) or ``"vllm"`` (real vLLM,
+            started on a saved copy of ``model``: ~15 s), built by :func:`workbench.engines.make_engine`.
         engine_dtype: engine weight precision.
         perturbation: engine logit perturbation spec (``"gaussian:0.3"``, …) or ``None``.
         rho: min-p threshold of the engine (``None``: full vocabulary).
@@ -193,14 +197,10 @@ def sample_policy(
     the_task = tasks.make_task(task, **dict(task_kwargs or {}))
     problems = the_task.sample(num_prompts, random.Random(seed))
     prompts = [models.encode_prompt(tokenizer, p.prompt) for p in problems]
-    engine = engines.TorchEngine(
-        model,
-        dtype=engine_dtype,
-        perturbation=engines.make_perturbation(perturbation),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    sampler = engines.make_engine(
+        engine, model, tokenizer, dtype=engine_dtype, perturbation=engines.make_perturbation(perturbation)
     )
-    rollout = engine.generate(
+    rollout = sampler.generate(
         prompts,
         n=n,
         max_tokens=max_tokens or the_task.max_new_tokens,
@@ -218,6 +218,7 @@ def sample_policy(
         mask=rollout.mask,
         config={
             "task": task,
+            "engine": engine,
             "engine_dtype": engine_dtype,
             "perturbation": perturbation,
             "rho": rho,
@@ -398,8 +399,8 @@ def envelope_data(
     abs_delta = (torch.log_softmax(z + delta, -1) - lp).abs()  # (R, V)
     p = lp.exp()
     one_minus_p = -torch.expm1(lp)  # accurate near p = 1
-    first = 2 * eps * one_minus_p
-    exact = 2 * eps * (1 - p * math.exp(-2 * eps))
+    first = prop42_envelope(lp, eps, exact=False)
+    exact = prop42_envelope(lp, eps)
     # the largest |Δ_a| over the box: δ_a = −ε, every other δ_b = +ε (pushing a down beats pushing it up)
     attainable = 2 * eps + torch.log1p(-p * -math.expm1(-2 * eps))
     meaningful = first > 1e-12
@@ -476,7 +477,8 @@ def envelope_figure(data: Mapping[str, Any]) -> go.Figure:
 def precision_envelope_data(
     logits_train: torch.Tensor, logits_engine: torch.Tensor, *, seed: int = 0, max_points: int = 4000
 ) -> dict[str, torch.Tensor | float]:
-    """Prop 4.2 on a real precision gap: each row's own ε is ``‖z_engine − z_train‖_∞``.
+    """Prop 4.2 on a real precision gap: each row's own ε is :func:`workbench.theory.logit_error`, half the
+    range of ``z_engine − z_train`` (softmax ignores a constant shift, so ``max |δ|`` would overstate it).
 
     Args:
         logits_train: ``(R, V)`` trainer logits.
@@ -490,15 +492,11 @@ def precision_envelope_data(
     """
     zt = _check_logits_2d("logits_train", logits_train).double()
     ze = _check_logits_2d("logits_engine", logits_engine).double()
-    if ze.shape != zt.shape:
-        raise ValueError(
-            f"logits_engine has shape {tuple(ze.shape)}, logits_train {tuple(zt.shape)}; pass the same rows"
-        )
-    eps_row = (ze - zt).abs().amax(-1, keepdim=True)  # (R, 1)
+    eps_row = logit_error(zt, ze)[:, None]  # (R, 1)
     lp = torch.log_softmax(zt, -1)
     abs_delta = (torch.log_softmax(ze, -1) - lp).abs()  # (R, V)
     one_minus_p = -torch.expm1(lp)
-    bound = 2 * eps_row * one_minus_p
+    bound = prop42_envelope(lp, eps_row, exact=False)  # (R, V)
     ratio = abs_delta / bound.clamp_min(1e-300)
     meaningful = bound > 1e-9
     g = torch.Generator().manual_seed(seed)
