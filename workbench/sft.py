@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from workbench import models, tasks
+from workbench.dvp import DEFAULT_RHO
 
 SFT_CODE_VERSION: int = 2
 """Bumped whenever :func:`train_sft` changes what a given config produces; part of every digest, so

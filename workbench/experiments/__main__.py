@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -30,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from workbench.dvp import DEFAULT_RHO
 from workbench.experiments.runner import atomic_write_json
 
 
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def rho_of(text: str) -> float | None:
             text = text.strip().lower()
-            return None if text == "none" else math.exp(-13) if text == "e13" else float(text)
+            return None if text == "none" else DEFAULT_RHO if text == "e13" else float(text)
 
         rho_sweep(
             args.scenario,

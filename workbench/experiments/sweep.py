@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from workbench.dvp import DEFAULT_RHO
 from workbench.experiments.runner import (
     RunResult,
     _last_finite,
@@ -29,18 +30,18 @@ from workbench.experiments.runner import (
 __all__ = ["SWEEP_RHOS", "SweepResults", "load_sweep", "rho_label", "rho_sweep", "u_shape"]
 
 #: The issue's grid: {1e-2, 1e-4, 1e-6, 1e-8, 1e-10, e^-13, 1e-16} and no pruning.
-SWEEP_RHOS: tuple[float | None, ...] = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10, math.exp(-13), 1e-16, None)
+SWEEP_RHOS: tuple[float | None, ...] = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10, DEFAULT_RHO, 1e-16, None)
 
 
 def rho_label(rho: float | None) -> str:
     """Short label of a ρ value.
 
-    >>> rho_label(None), rho_label(math.exp(-13)), rho_label(1e-4)
+    >>> rho_label(None), rho_label(DEFAULT_RHO), rho_label(1e-4)
     ('none', 'e^-13', '1e-04')
     """
     if rho is None:
         return "none"
-    if math.isclose(rho, math.exp(-13)):
+    if math.isclose(rho, DEFAULT_RHO):
         return "e^-13"
     return f"{rho:.0e}"
 

@@ -17,12 +17,10 @@ Numerics compare, for random logits and ρ from 0.3 down to e^{-13}, the TV comp
 
 from __future__ import annotations
 
-import math
-
 import sympy as sp
 import torch
 
-from workbench.dvp import retained_mass, safe_mask, token_logprobs
+from workbench.dvp import DEFAULT_RHO, retained_mass, safe_mask, token_logprobs
 from workbench.theory.core import (
     Check,
     Statement,
@@ -38,7 +36,7 @@ from workbench.theory.core import (
 
 __all__ = ["DEFAULT_RHOS", "check_prop54"]
 
-DEFAULT_RHOS: tuple[float, ...] = (0.3, 0.1, 1e-2, 1e-4, math.exp(-13))
+DEFAULT_RHOS: tuple[float, ...] = (0.3, 0.1, 1e-2, 1e-4, DEFAULT_RHO)
 """ρ values the numeric check sweeps: large ones make 1 − Z visible, e^{-13} is the paper's default."""
 
 STATEMENT = Statement(
