@@ -1,4 +1,4 @@
-"""Tests for workbench.importance: every mode against a naive per-element loop, invariants, stats, verl keys."""
+"""Tests for workbench.importance: every mode against a naive per-element loop, invariants, stats, trust region."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from workbench.importance import (
     IS_METRIC_DOCS,
     IS_MODES,
     MODE_DEFAULT_BOUNDS,
-    VERL_PRESETS,
     ISConfig,
     importance_weights,
     resolve_bounds,
@@ -337,168 +336,54 @@ def test_bad_tensors_raise() -> None:
         importance_weights(lt, bad, mask, "token_tis")
 
 
-# -------------------------------------------------------------------------------------------------- verl
-@pytest.mark.parametrize(
-    ("verl", "expected"),
-    [
-        # 2025-10 flat keys under `algorithm`
-        (
-            {
-                "rollout_is": True,
-                "rollout_is_threshold": 2.0,
-                "rollout_is_level": "token",
-                "rollout_is_mode": "truncate",
-                "rollout_is_veto_threshold": 1e-4,
-            },
-            ISConfig("token_tis", None, 2.0, 1e-4),
-        ),
-        (
-            {
-                "rollout_is": True,
-                "rollout_is_threshold": 5.0,
-                "rollout_is_threshold_lower": 0.8,
-                "rollout_is_mode": "mask",
-            },
-            ISConfig("token_mis", 0.8, 5.0, None),
-        ),
-        (
-            {
-                "rollout_is": True,
-                "rollout_is_threshold": 4.0,
-                "rollout_is_level": "sequence",
-                "rollout_is_mode": "clip",
-            },
-            ISConfig("seq_mis", 0.25, 4.0, None),
-        ),
-        (
-            {
-                "rollout_is": True,
-                "rollout_is_threshold": 1.0002,
-                "rollout_is_threshold_lower": 0.9998,
-                "rollout_is_level": "geometric",
-                "rollout_is_mode": "mask",
-                "rollout_is_veto_threshold": 1e-4,
-            },
-            ISConfig("geo_mask", 0.9998, 1.0002, 1e-4),
-        ),
-        (
-            {
-                "rollout_is": True,
-                "rollout_is_threshold": 5.0,
-                "rollout_is_level": "sequence",
-                "rollout_is_threshold_lower": 0.0,
-            },
-            ISConfig("seq_tis", None, 5.0, None),  # truncation ignores the lower bound
-        ),
-        ({"rollout_is": False, "rollout_is_threshold": 2.0}, ISConfig("none", veto=None)),  # metrics only
-        ({"rollout_is": True, "rollout_is_threshold": None}, ISConfig("none", veto=None)),  # null disables
-        (
-            {"rollout_is": True, "rollout_is_threshold": 2.0, "rollout_is_veto_threshold": 0},
-            ISConfig("token_tis", hi=2.0, veto=None),
-        ),
-        # 2025-11 `rollout_correction` section
-        (
-            {
-                "rollout_correction": {
-                    "rollout_is": "sequence",
-                    "rollout_is_threshold": 3.0,
-                    "rollout_token_veto_threshold": 1e-4,
-                }
-            },
-            ISConfig("seq_tis", None, 3.0, 1e-4),
-        ),
-        (
-            {
-                "rollout_is": None,
-                "rollout_rs": "geometric",
-                "rollout_rs_threshold": 1.01,
-                "rollout_rs_threshold_lower": 0.99,
-            },
-            ISConfig("geo_mask", 0.99, 1.01, None),
-        ),
-        (
-            {
-                "rollout_is": "token",
-                "rollout_is_threshold": 2.0,
-                "rollout_rs": "token",
-                "rollout_rs_threshold": 2.0,
-            },
-            ISConfig("token_mis", 0.5, 2.0, None),
-        ),
-        # newer: "lo_hi" strings and k1 filters (k1 bounds are on μ/π: "a_b" → π/μ ∈ [1/b, 1/a])
-        ({"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"}, ISConfig("token_mis", 0.5, 5.0, None)),
-        ({"rollout_is": "sequence", "rollout_is_threshold": "2.5"}, ISConfig("seq_tis", None, 2.5, None)),
-        (
-            {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.8_1.25"},
-            ISConfig("geo_mask", 0.8, 1.25, None),
-        ),
-        (
-            {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.5_1.0"},
-            ISConfig("geo_mask", 1.0, 2.0, None),
-        ),
-        (
-            {"algorithm": {"gamma": 1.0, "adv_estimator": "rloo", "rollout_correction": None}},
-            ISConfig("none", veto=None),
-        ),
-    ],
-)
-def test_from_verl_mappings(verl: dict, expected: ISConfig) -> None:
-    assert ISConfig.from_verl(verl) == expected
-    assert ISConfig.from_verl({"algorithm": verl} if "algorithm" not in verl else verl) == expected
+# ------------------------------------------------------------------------------------------ trust region
+def _naive_trust_region(lt, li, mask, threshold: float, div: str, clamp: float = 20.0) -> list[bool]:
+    """Per sequence: reject iff some valid token has divergence > threshold (one Python loop, verl's formula)."""
+    out = []
+    for i in range(lt.shape[0]):
+        worst = -math.inf
+        for j in range(lt.shape[1]):
+            if mask[i, j]:
+                u = max(-clamp, min(clamp, float(lt[i, j]) - float(li[i, j])))
+                worst = max(worst, 0.5 * u * u if div == "k2" else math.exp(u) - 1.0 - u)
+        out.append(worst > threshold)
+    return out
 
 
-def test_from_verl_presets() -> None:
-    geo = ISConfig.from_verl("decoupled_geo_rs")
-    assert geo.mode == "geo_mask"
-    assert geo.lo == pytest.approx(1 / 1.001) and geo.hi == pytest.approx(1 / 0.999)
-    assert ISConfig.from_verl("decoupled_seq_is_rs") == ISConfig("seq_mis", 0.5, 2.0, None)
-    assert ISConfig.from_verl("decoupled_token_icepop") == ISConfig("token_mis", 0.5, 5.0, None)
-    assert ISConfig.from_verl("bypass_ppo_clip").mode == "none"
-    for name in VERL_PRESETS:  # every listed preset resolves
-        assert ISConfig.from_verl(name).mode in IS_MODES
-    assert ISConfig.from_verl("decoupled_token_is", log_clamp=10.0).log_clamp == 10.0
-
-
-@pytest.mark.parametrize(
-    ("verl", "match"),
-    [
-        ("decoupled_geo_rs_seq_tis", r"no single-mode equivalent"),
-        ({"rollout_is_treshold": 2.0}, r"unknown verl rollout-correction key\(s\) \['rollout_is_treshold'\]"),
-        ({"algorithm": {"gamma": 1.0, "rollout_is_levle": "token"}}, r"rollout_is_levle"),
-        (
-            {"rollout_is": "sequence", "rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.999_1.001"},
-            r"not one mode",
-        ),
-        ({"rollout_rs": "token", "rollout_rs_threshold": 2.0}, r"without IS weights"),
-        ({"rollout_rs": "seq_mean_k3", "rollout_rs_threshold": 0.01}, r"k2/k3"),
-        ({"rollout_rs": "geometric"}, r"needs rollout_rs_threshold"),
-        ({"rollout_is": True, "rollout_is_mode": "clamp"}, r"rollout_is_mode='clamp'"),
-        ({"rollout_is": True, "rollout_is_level": "geometric"}, r"geometric.*truncate"),
-        ({"rollout_is": "token", "rollout_is_batch_normalize": True}, r"batch_normalize"),
-        ({"rollout_is": "token", "rollout_is_threshold": "abc"}, r"rollout_is_threshold='abc'"),
-        ({"rollout_is": "token", "rollout_is_threshold": 0.5}, r"hi=0.5"),
-        (
-            {"rollout_is": "token", "rollout_is_veto_threshold": 1e-4, "rollout_token_veto_threshold": 1e-3},
-            r"conflicting",
-        ),
-        ({"rollout_is": "token", "rollout_is_veto_threshold": 2.0}, r"veto=2.0"),
-        ({"rollout_is": "tokens"}, r"level 'tokens'"),
-    ],
-)
-def test_from_verl_rejects_what_it_cannot_express(verl: object, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        ISConfig.from_verl(verl)  # type: ignore[arg-type]
-
-
-def test_from_verl_geo_preset_behaves_like_verl_k1_filter() -> None:
-    """verl's seq_mean_k1 keeps a sequence iff mean(log μ − log π) ∈ [log a, log b]; check on random data."""
-    lt, li, mask = _batch(b=64, t=8, sigma=0.02, seed=7)
-    a, b = 0.995, 1.002  # asymmetric so that the μ/π → π/μ inversion matters
-    res = ISConfig.from_verl({"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": f"{a}_{b}"}).apply(
-        lt, li, mask
-    )
-    k1 = torch.where(mask, li - lt, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
-    verl_keep = (k1 >= math.log(a)) & (k1 <= math.log(b))
+@pytest.mark.parametrize("div", ["k2", "k3"])
+@pytest.mark.parametrize("mode", ["none", "token_mis", "seq_tis", "geo_mask"])
+def test_trust_region_matches_naive_reference(mode: str, div: str) -> None:
+    lt, li, mask = _batch(b=24, t=7, sigma=0.5, seed=11)
+    threshold = 0.3
+    res = importance_weights(lt, li, mask, mode, veto=None, trust_region=threshold, trust_region_div=div)
+    base = importance_weights(lt, li, mask, mode, veto=None)
+    rejected = torch.tensor(_naive_trust_region(lt, li, mask, threshold, div))
     has = mask.any(-1)
-    assert torch.equal(res.seq_keep[has], verl_keep[has])
-    assert 0 < int(verl_keep[has].sum()) < int(has.sum())  # the window is neither empty nor everything
+    assert 0 < int((rejected & has).sum()) < int(has.sum())  # the rule bites, but not everywhere
+    assert torch.equal(res.seq_keep, base.seq_keep & ~rejected)
+    assert torch.equal(res.keep, base.keep & ~rejected[:, None])
+    assert res.stats["is/frac_trust_region"] == pytest.approx(float((rejected & has).sum() / has.sum()))
+    assert base.stats["is/frac_trust_region"] == 0.0
+
+
+def test_trust_region_is_two_sided_unlike_the_veto() -> None:
+    """A token the engine under-estimates (r = e^3) passes the veto but leaves the trust region."""
+    lt = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]])
+    li = torch.tensor([[-4.0, -2.0], [-1.0, -2.0]])  # row 0: u = +3 on its first token
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    res = importance_weights(lt, li, mask, "token_tis", veto=1e-4, trust_region=1.0)
+    assert res.seq_keep.tolist() == [False, True]
+    assert res.stats["is/frac_vetoed"] == 0.0 and res.stats["is/frac_trust_region"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"trust_region": 0.0}, r"trust_region=0.0"),
+        ({"trust_region": float("nan")}, r"trust_region=nan"),
+        ({"trust_region": 0.5, "trust_region_div": "k1"}, r"trust_region_div='k1'"),
+    ],
+)
+def test_bad_trust_region_raises(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ISConfig("token_tis", **kwargs)

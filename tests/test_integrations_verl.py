@@ -1,8 +1,11 @@
 """verl adapter: the dvp_mis loss on verl's tensor layout, the patches, the settings and the example config.
 
-verl itself is not needed: the loss is checked against naive formulas written here from verl's documented
-definitions (``agg_loss``, PPO clip) and the workbench's, the patches against a stub package that mimics the
-three verl modules they touch. The registry test runs only where verl is installed.
+Two layers. The loss is checked against naive formulas written here from verl's documented definitions
+(``agg_loss``, PPO clip) and the workbench's, the patches against a stub package that mimics the three verl
+modules they touch. Then against the real verl 0.9.1 (``make test`` installs it: the ``verl`` extra plus
+``pip install --no-deps verl==0.9.1``, see the Makefile): verl's own policy-loss lookup returns our loss, the
+post-import hook arms it in a fresh interpreter, the loss equals verl's PPO loss, our mismatch metrics equal
+verl's rollout-correction metrics, and the config translation round-trips verl's own config objects.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench import dvp
-from workbench.importance import IS_METRIC_DOCS, ISConfig, importance_weights
+from workbench import dvp, metrics
+from workbench.importance import IS_METRIC_DOCS, IS_MODES, ISConfig, importance_weights
 from workbench.integrations import verl as wv
 
 EXAMPLE = Path(wv.__file__).with_name("verl_dvp_example.yaml")
@@ -222,12 +225,42 @@ def test_with_min_p() -> None:
         ISConfig("geo_mask", lo=0.999, hi=1.001, veto=None),
     ],
 )
-def test_rollout_correction_round_trips_through_from_verl(cfg: ISConfig) -> None:
+def test_rollout_correction_round_trips_through_is_config_from_verl(cfg: ISConfig) -> None:
     verl_keys = wv.rollout_correction_for(cfg)
-    back = ISConfig.from_verl({"rollout_correction": verl_keys})
+    back = wv.is_config_from_verl({"rollout_correction": verl_keys})
     assert back.mode == cfg.mode
     for got, want in zip(back.bounds, cfg.bounds):
         assert (got is None and want is None) or got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ISConfig("none", veto=None, trust_region=0.5),
+        ISConfig("token_tis", hi=2.0, veto=None, trust_region=0.1, trust_region_div="k2"),
+        ISConfig("geo_mask", lo=0.99, hi=1.01, veto=None, trust_region=0.5),
+    ],
+)
+def test_trust_region_round_trips_through_verl_keys(cfg: ISConfig) -> None:
+    verl_keys = wv.rollout_correction_for(cfg)
+    assert f"seq_max_{cfg.trust_region_div}" in verl_keys["rollout_rs"]
+    back = wv.is_config_from_verl({"rollout_correction": verl_keys})
+    assert (back.mode, back.trust_region, back.trust_region_div) == (
+        cfg.mode,
+        cfg.trust_region,
+        cfg.trust_region_div,
+    )
+    for got, want in zip(back.bounds, cfg.bounds):
+        assert (got is None and want is None) or got == pytest.approx(want, rel=1e-12)
+
+
+def test_trust_region_keys_that_cannot_be_read() -> None:
+    with pytest.raises(ValueError, match="one trust-region option"):
+        wv.is_config_from_verl({"rollout_rs": "seq_max_k2,seq_max_k3", "rollout_rs_threshold": 0.1})
+    with pytest.raises(ValueError, match="one upper bound"):
+        wv.is_config_from_verl({"rollout_rs": "seq_max_k3", "rollout_rs_threshold": "0.1_0.5"})
+    with pytest.raises(ValueError, match="thresholds"):
+        wv.is_config_from_verl({"rollout_rs": "seq_max_k3,seq_mean_k1", "rollout_rs_threshold": "1,2,3"})
 
 
 def test_rollout_correction_refuses_what_verl_lacks() -> None:
@@ -235,6 +268,176 @@ def test_rollout_correction_refuses_what_verl_lacks() -> None:
         wv.rollout_correction_for(ISConfig("token_mis", lo=0.5, hi=2.0, veto=1e-4))
     with pytest.raises(ValueError, match="seq_is"):
         wv.rollout_correction_for(ISConfig("seq_is", veto=None))
+
+
+# ------------------------------------------------------------------- verl rollout_correction → ISConfig
+@pytest.mark.parametrize(
+    ("verl", "expected"),
+    [
+        # 2025-10 flat keys under `algorithm`
+        (
+            {
+                "rollout_is": True,
+                "rollout_is_threshold": 2.0,
+                "rollout_is_level": "token",
+                "rollout_is_mode": "truncate",
+                "rollout_is_veto_threshold": 1e-4,
+            },
+            ISConfig("token_tis", None, 2.0, 1e-4),
+        ),
+        (
+            {
+                "rollout_is": True,
+                "rollout_is_threshold": 5.0,
+                "rollout_is_threshold_lower": 0.8,
+                "rollout_is_mode": "mask",
+            },
+            ISConfig("token_mis", 0.8, 5.0, None),
+        ),
+        (
+            {
+                "rollout_is": True,
+                "rollout_is_threshold": 4.0,
+                "rollout_is_level": "sequence",
+                "rollout_is_mode": "clip",
+            },
+            ISConfig("seq_mis", 0.25, 4.0, None),
+        ),
+        (
+            {
+                "rollout_is": True,
+                "rollout_is_threshold": 1.0002,
+                "rollout_is_threshold_lower": 0.9998,
+                "rollout_is_level": "geometric",
+                "rollout_is_mode": "mask",
+                "rollout_is_veto_threshold": 1e-4,
+            },
+            ISConfig("geo_mask", 0.9998, 1.0002, 1e-4),
+        ),
+        (
+            {
+                "rollout_is": True,
+                "rollout_is_threshold": 5.0,
+                "rollout_is_level": "sequence",
+                "rollout_is_threshold_lower": 0.0,
+            },
+            ISConfig("seq_tis", None, 5.0, None),  # truncation ignores the lower bound
+        ),
+        ({"rollout_is": False, "rollout_is_threshold": 2.0}, ISConfig("none", veto=None)),  # metrics only
+        ({"rollout_is": True, "rollout_is_threshold": None}, ISConfig("none", veto=None)),  # null disables
+        (
+            {"rollout_is": True, "rollout_is_threshold": 2.0, "rollout_is_veto_threshold": 0},
+            ISConfig("token_tis", hi=2.0, veto=None),
+        ),
+        # 2025-11 `rollout_correction` section
+        (
+            {
+                "rollout_correction": {
+                    "rollout_is": "sequence",
+                    "rollout_is_threshold": 3.0,
+                    "rollout_token_veto_threshold": 1e-4,
+                }
+            },
+            ISConfig("seq_tis", None, 3.0, 1e-4),
+        ),
+        (
+            {
+                "rollout_is": None,
+                "rollout_rs": "geometric",
+                "rollout_rs_threshold": 1.01,
+                "rollout_rs_threshold_lower": 0.99,
+            },
+            ISConfig("geo_mask", 0.99, 1.01, None),
+        ),
+        (
+            {
+                "rollout_is": "token",
+                "rollout_is_threshold": 2.0,
+                "rollout_rs": "token",
+                "rollout_rs_threshold": 2.0,
+            },
+            ISConfig("token_mis", 0.5, 2.0, None),
+        ),
+        # newer: "lo_hi" strings and k1 filters (k1 bounds are on μ/π: "a_b" → π/μ ∈ [1/b, 1/a])
+        ({"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"}, ISConfig("token_mis", 0.5, 5.0, None)),
+        ({"rollout_is": "sequence", "rollout_is_threshold": "2.5"}, ISConfig("seq_tis", None, 2.5, None)),
+        (
+            {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.8_1.25"},
+            ISConfig("geo_mask", 0.8, 1.25, None),
+        ),
+        (
+            {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.5_1.0"},
+            ISConfig("geo_mask", 1.0, 2.0, None),
+        ),
+        (
+            {"algorithm": {"gamma": 1.0, "adv_estimator": "rloo", "rollout_correction": None}},
+            ISConfig("none", veto=None),
+        ),
+    ],
+)
+def test_is_config_from_verl_mappings(verl: dict, expected: ISConfig) -> None:
+    assert wv.is_config_from_verl(verl) == expected
+    assert wv.is_config_from_verl({"algorithm": verl} if "algorithm" not in verl else verl) == expected
+
+
+def test_is_config_from_verl_presets() -> None:
+    geo = wv.is_config_from_verl("decoupled_geo_rs")
+    assert geo.mode == "geo_mask"
+    assert geo.lo == pytest.approx(1 / 1.001) and geo.hi == pytest.approx(1 / 0.999)
+    assert wv.is_config_from_verl("decoupled_seq_is_rs") == ISConfig("seq_mis", 0.5, 2.0, None)
+    assert wv.is_config_from_verl("decoupled_token_icepop") == ISConfig("token_mis", 0.5, 5.0, None)
+    assert wv.is_config_from_verl("bypass_ppo_clip").mode == "none"
+    for name in wv.VERL_PRESETS:  # every listed preset resolves
+        assert wv.is_config_from_verl(name).mode in IS_MODES
+    assert wv.is_config_from_verl("decoupled_token_is", log_clamp=10.0).log_clamp == 10.0
+
+
+@pytest.mark.parametrize(
+    ("verl", "match"),
+    [
+        ("decoupled_geo_rs_seq_tis", r"no single-mode equivalent"),
+        ({"rollout_is_treshold": 2.0}, r"unknown verl rollout-correction key\(s\) \['rollout_is_treshold'\]"),
+        ({"algorithm": {"gamma": 1.0, "rollout_is_levle": "token"}}, r"rollout_is_levle"),
+        (
+            {"rollout_is": "sequence", "rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.999_1.001"},
+            r"not one mode",
+        ),
+        ({"rollout_rs": "token", "rollout_rs_threshold": 2.0}, r"without IS weights"),
+        ({"rollout_rs": "seq_mean_k3", "rollout_rs_threshold": 0.01}, r"k2/k3"),
+        ({"rollout_rs": "geometric"}, r"needs rollout_rs_threshold"),
+        ({"rollout_is": True, "rollout_is_mode": "clamp"}, r"rollout_is_mode='clamp'"),
+        ({"rollout_is": True, "rollout_is_level": "geometric"}, r"geometric.*truncate"),
+        ({"rollout_is": "token", "rollout_is_batch_normalize": True}, r"batch_normalize"),
+        ({"rollout_is": "token", "rollout_is_threshold": "abc"}, r"rollout_is_threshold='abc'"),
+        ({"rollout_is": "token", "rollout_is_threshold": 0.5}, r"hi=0.5"),
+        (
+            {"rollout_is": "token", "rollout_is_veto_threshold": 1e-4, "rollout_token_veto_threshold": 1e-3},
+            r"conflicting",
+        ),
+        ({"rollout_is": "token", "rollout_is_veto_threshold": 2.0}, r"veto=2.0"),
+        ({"rollout_is": "tokens"}, r"level 'tokens'"),
+    ],
+)
+def test_is_config_from_verl_rejects_what_it_cannot_express(verl: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        wv.is_config_from_verl(verl)  # type: ignore[arg-type]
+
+
+def test_is_config_from_verl_geo_preset_behaves_like_verl_k1_filter() -> None:
+    """verl's seq_mean_k1 keeps a sequence iff mean(log μ − log π) ∈ [log a, log b]; check on random data."""
+    g = torch.Generator().manual_seed(7)
+    lt = -torch.rand(64, 8, generator=g) * 4.0
+    li = lt + 0.02 * torch.randn(64, 8, generator=g)
+    mask = torch.arange(8)[None, :] < torch.randint(0, 9, (64, 1), generator=g)  # ragged, some rows empty
+    a, b = 0.995, 1.002  # asymmetric so that the μ/π → π/μ inversion matters
+    res = wv.is_config_from_verl({"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": f"{a}_{b}"}).apply(
+        lt, li, mask
+    )
+    k1 = torch.where(mask, li - lt, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
+    verl_keep = (k1 >= math.log(a)) & (k1 <= math.log(b))
+    has = mask.any(-1)
+    assert torch.equal(res.seq_keep[has], verl_keep[has])
+    assert 0 < int(verl_keep[has].sum()) < int(has.sum())  # the window is neither empty nor everything
 
 
 def test_settings_json_env_and_errors() -> None:
@@ -370,23 +573,182 @@ def test_plugin_module_installs_from_env(sandbox: Path, monkeypatch: pytest.Monk
     assert plugin.SETTINGS == cfg == wv.active_config()
 
 
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("verl") is None,
-    reason="verl is not installed (pip install verl pulls Ray, vLLM and CUDA packages; not in the CPU env)",
-)
-def test_registers_in_real_verl_registry() -> None:
-    import inspect
+# ------------------------------------------------------------------------------------------- real verl 0.9.1
+def _verl_module(name: str):
+    return pytest.importorskip(
+        name, reason="verl is not installed; `make test` installs it (see the Makefile)"
+    )
 
-    from verl.trainer.ppo import core_algos
 
+VERL_METRIC_MAP: dict[str, str] = {
+    "rollout_corr/kl": "mismatch/k1",
+    "rollout_corr/k3_kl": "mismatch/k3",
+    "rollout_corr/chi2_token": "mismatch/chi2_token",
+    "rollout_corr/chi2_seq": "mismatch/chi2_seq",
+    "rollout_corr/rollout_rs_seq_max_k3_seq_masked_fraction": "is/frac_trust_region",
+}
+"""verl rollout-correction metric → the workbench metric with the same definition (rows without empty
+responses; ``rollout_corr/log_ppl_diff`` is ``log mismatch/ppl_ratio``, checked separately)."""
+
+
+def test_post_import_hook_registers_the_loss_in_real_verl() -> None:
+    """A fresh interpreter, as in a Ray worker: VERL_USE_EXTERNAL_MODULES makes `import verl` import our plugin;
+    its post-import hooks register dvp_mis when verl imports core_algos and patch logprobs_from_logits, also
+    for modules that bind it later with `from … import` (verl's naive rollout)."""
+    _verl_module("verl")
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import verl
+        import workbench.integrations.verl as wv
+        before = "verl.trainer.ppo.core_algos" in sys.modules
+        from verl.trainer.ppo import core_algos
+        from verl.workers.rollout.naive import naive_rollout
+        import verl.utils.torch_functional as tf
+        print(json.dumps({
+            "core_algos_imported_before": before,
+            "registered": core_algos.get_policy_loss_fn(wv.LOSS_MODE) is wv.dvp_policy_loss,
+            "patched": getattr(tf.logprobs_from_logits, "_workbench_dvp", False),
+            "bound": naive_rollout.logprobs_from_logits is tf.logprobs_from_logits,
+            "rho": wv.active_config().rho,
+        }))
+        """
+    )
+    env = {**__import__("os").environ, **wv.VerlDVPConfig(rho=0.05, is_veto=None).env()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert got == {
+        "core_algos_imported_before": False,
+        "registered": True,
+        "patched": True,
+        "bound": True,
+        "rho": 0.05,
+    }
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_loss_from_verls_lookup_equals_verls_ppo_loss(agg: str) -> None:
+    """The function verl's get_policy_loss_fn("dvp_mis") returns, called as verl's losses.py calls it, equals
+    verl's own vanilla PPO loss with the same IS weights (dual-clip off: PARITY.md), values and gradients."""
+    core_algos = _verl_module("verl.trainer.ppo.core_algos")
+    omegaconf = _verl_module("omegaconf")
+    d = _batch(seed=6)
+    cfg = omegaconf.OmegaConf.create(
+        {
+            "clip_ratio": 0.2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.2,
+            "clip_ratio_c": 1e9,
+            "global_batch_info": {},
+        }
+    )
+    kwargs = dict(
+        old_log_prob=d["old"],
+        advantages=d["adv"],
+        response_mask=d["mask"],
+        loss_agg_mode=agg,
+        config=cfg,
+        rollout_is_weights=d["weights"],
+    )
     try:
-        wv.install(wv.VerlDVPConfig(is_veto=None))
-        assert core_algos.get_policy_loss_fn(wv.LOSS_MODE) is wv.dvp_policy_loss
-        ours = inspect.signature(wv.dvp_policy_loss).parameters
-        vanilla = inspect.signature(core_algos.get_policy_loss_fn("vanilla")).parameters
-        assert set(vanilla) <= set(ours) | {"kwargs"}, "verl passes an argument our loss does not accept"
+        wv.install(SETTINGS)
+        ours_fn = core_algos.get_policy_loss_fn(wv.LOSS_MODE)
+        assert ours_fn is wv.dvp_policy_loss
+        ours, stats = ours_fn(log_prob=d["log_prob"], **kwargs)
     finally:
         wv.uninstall()
+    theirs, _ = core_algos.get_policy_loss_fn("vanilla")(log_prob=d["log_prob"], **kwargs)
+    torch.testing.assert_close(ours, theirs)
+    (g,) = torch.autograd.grad(ours, d["log_prob"])
+    (g_ref,) = torch.autograd.grad(theirs, d["log_prob"])
+    torch.testing.assert_close(g, g_ref)
+    assert stats["dvp/boundary_tokens"] == 0.0
+
+
+def test_mismatch_metrics_and_trust_region_agree_with_verls_rollout_correction() -> None:
+    rc = _verl_module("verl.trainer.ppo.rollout_corr_helper")
+    g = torch.Generator().manual_seed(8)
+    b, t = 32, 9
+    mask = torch.arange(t)[None, :] < torch.randint(1, t + 1, (b, 1), generator=g)  # no empty row
+    old = -torch.rand(b, t, generator=g) * 3
+    rollout = old + 0.3 * torch.randn(b, t, generator=g)
+    keys = {
+        "rollout_is": "token",
+        "rollout_is_threshold": 2.0,
+        "rollout_rs": "seq_max_k3",
+        "rollout_rs_threshold": 0.3,
+    }
+    weights, verl_mask, verl_metrics = rc.compute_rollout_correction_and_rejection_mask(
+        old, rollout, mask.float(), **keys
+    )
+    cfg = wv.is_config_from_verl({"rollout_correction": keys})
+    assert (cfg.mode, cfg.hi, cfg.trust_region, cfg.trust_region_div) == ("token_tis", 2.0, 0.3, "k3")
+    res = cfg.apply(old, rollout, mask)
+    ours = {**res.stats, **metrics.mismatch_metrics(old, rollout, mask)}
+    assert 0 < ours["is/frac_trust_region"] < 1  # the rule rejects some sequences, not all
+    for theirs_key, our_key in VERL_METRIC_MAP.items():
+        assert ours[our_key] == pytest.approx(verl_metrics[theirs_key], rel=1e-5, abs=1e-7), our_key
+    assert math.log(ours["mismatch/ppl_ratio"]) == pytest.approx(
+        verl_metrics["rollout_corr/log_ppl_diff"], rel=1e-5
+    )
+    assert torch.equal(verl_mask.bool(), res.keep)
+    torch.testing.assert_close(weights.batch["rollout_is_weights"] * verl_mask, res.weights)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ISConfig("none", veto=None),
+        ISConfig("token_tis", hi=3.0, veto=None, trust_region=0.2),
+        ISConfig("seq_tis", hi=5.0, veto=None),
+        ISConfig("token_mis", lo=0.5, hi=2.0, veto=None),
+        ISConfig("seq_mis", lo=0.5, hi=2.0, veto=None, trust_region=0.1, trust_region_div="k2"),
+        ISConfig("geo_mask", lo=0.95, hi=1.05, veto=None, trust_region=0.3),
+    ],
+)
+def test_translation_round_trips_real_verl_configs(cfg: ISConfig) -> None:
+    """ISConfig → our verl keys → verl's own RolloutCorrectionConfig → back, and verl's helper on those keys
+    keeps and weights exactly the tokens our ISConfig does."""
+    rc = _verl_module("verl.trainer.ppo.rollout_corr_helper")
+    algorithm = _verl_module("verl.trainer.config.algorithm")
+    verl_cfg = algorithm.RolloutCorrectionConfig(**wv.rollout_correction_for(cfg))
+    back = wv.is_config_from_verl({"rollout_correction": verl_cfg})
+    assert (back.mode, back.veto, back.trust_region, back.trust_region_div) == (
+        cfg.mode,
+        cfg.veto,
+        cfg.trust_region,
+        cfg.trust_region_div,
+    )
+    for got, want in zip(back.bounds, cfg.bounds):
+        assert (got is None and want is None) or got == pytest.approx(want, rel=1e-12)
+    g = torch.Generator().manual_seed(9)
+    mask = torch.arange(6)[None, :] < torch.randint(1, 7, (40, 1), generator=g)
+    old = -torch.rand(40, 6, generator=g) * 3
+    rollout = old + 0.1 * torch.randn(40, 6, generator=g)
+    weights, keep, _ = rc.compute_rollout_correction_and_rejection_mask(
+        old,
+        rollout,
+        mask.float(),
+        rollout_is=verl_cfg.rollout_is,
+        rollout_is_threshold=verl_cfg.rollout_is_threshold,
+        rollout_rs=verl_cfg.rollout_rs,
+        rollout_rs_threshold=verl_cfg.rollout_rs_threshold,
+    )
+    res = cfg.apply(old, rollout, mask)
+    w = weights.batch["rollout_is_weights"] if weights is not None else torch.ones_like(old)
+    effective = w * keep  # verl: weight × mask; IcePop's zero weights stay in its mask
+    torch.testing.assert_close(effective, res.weights, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "preset",
+    ["disabled", "decoupled_token_is", "decoupled_seq_is", "decoupled_seq_is_rs", "decoupled_geo_rs"],
+)
+def test_reads_verls_own_preset_objects(preset: str) -> None:
+    algorithm = _verl_module("verl.trainer.config.algorithm")
+    verl_cfg = getattr(algorithm.RolloutCorrectionConfig, preset)()
+    assert wv.is_config_from_verl({"rollout_correction": verl_cfg}) == wv.is_config_from_verl(preset)
 
 
 # ------------------------------------------------------------------------------------- example config

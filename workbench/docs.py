@@ -120,6 +120,7 @@ def metric_doc_sources() -> dict[str, tuple[str, Mapping[str, str]]]:
         "workbench.metrics.MISMATCH_METRIC_DOCS": ("workbench/metrics.py", metrics.MISMATCH_METRIC_DOCS),
         "workbench.metrics.DVP_METRIC_DOCS": ("workbench/metrics.py", metrics.DVP_METRIC_DOCS),
         "workbench.importance.IS_METRIC_DOCS": ("workbench/importance.py", importance.IS_METRIC_DOCS),
+        "workbench.rloo.BATCH_METRIC_DOCS": ("workbench/rloo.py", rloo.BATCH_METRIC_DOCS),
         "workbench.rloo.LOSS_METRIC_DOCS": ("workbench/rloo.py", rloo.LOSS_METRIC_DOCS),
     }
 

@@ -27,7 +27,14 @@ When only one bound of a window is given, the other is its reciprocal (verl's ru
 unchanged, so identical log-probs always give weights of exactly 1.
 
 Veto (all modes but ``none``): drop the whole sequence if any valid token has ``r_t < veto`` (default 1e-4,
-``None`` disables). All ratios are computed in log space; log-ratios are clamped to ``±log_clamp``
+``None`` disables).
+
+Trust-region rejection (every mode, off by default; verl 0.9.1's ``rollout_rs="seq_max_k2"/"seq_max_k3"``, the
+rule of Trust Region Masking that replaced verl's veto): drop the whole sequence if its *worst* token leaves the
+trust region, ``max_t D_t > trust_region`` with ``D_t = ½ u_t²`` (k2) or ``e^{u_t} − 1 − u_t`` (k3, the
+default), ``u_t = log r_t`` clamped to ``±log_clamp``. Unlike the veto it is two-sided: a token the engine
+under-estimates (``r_t ≫ 1``) counts as much as one it over-estimates. k3 at ``u`` and ``−u``: ``e^{−u}``
+against ``e^{u}`` — k3 punishes large ratios harder, k2 is symmetric in ``u``. All ratios are computed in log space; log-ratios are clamped to ``±log_clamp``
 (default 20) only right before ``exp`` — comparisons with bounds use the exact log-ratio.
 Weights are always detached (``loss = −w.detach() · A · log π``): they change the measure, not the objective.
 
@@ -49,9 +56,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -61,13 +66,15 @@ __all__ = [
     "IS_METRIC_DOCS",
     "IS_MODES",
     "MODE_DEFAULT_BOUNDS",
-    "VERL_PRESETS",
+    "TRUST_REGION_DIVS",
     "ISConfig",
     "ISResult",
     "importance_weights",
     "resolve_bounds",
 ]
 
+TRUST_REGION_DIVS: tuple[str, ...] = ("k2", "k3")
+"""Per-token divergences trust-region rejection can bound (verl's ``seq_max_k2`` / ``seq_max_k3``)."""
 IS_MODES: tuple[str, ...] = ("none", "token_tis", "token_mis", "seq_is", "seq_tis", "seq_mis", "geo_mask")
 _TOKEN_LEVEL = ("none", "token_tis", "token_mis")
 _TIS_MODES = ("token_tis", "seq_tis")
@@ -107,6 +114,8 @@ IS_METRIC_DOCS: dict[str, str] = {
     "is/frac_truncated": "fraction of valid units whose ratio exceeded hi and was capped (TIS modes; 0 otherwise)",
     "is/frac_masked": "fraction of valid units outside [lo, hi] and dropped (MIS / geo_mask modes; 0 otherwise)",
     "is/frac_vetoed": "fraction of sequences with valid tokens dropped by the veto (some valid r_t < veto)",
+    "is/frac_trust_region": "fraction of sequences with valid tokens dropped by trust-region rejection "
+    "(max over valid tokens of the k2/k3 divergence of log r_t > trust_region); 0 when it is off",
     "is/frac_clamped": "fraction of valid units whose |log-ratio| exceeded log_clamp before exp",
     "is/frac_tokens_kept": "kept tokens / valid tokens (what reaches the loss)",
     "is/frac_seqs_kept": "kept sequences / sequences with valid tokens",
@@ -213,6 +222,20 @@ def _validate_veto(veto: object) -> float | None:
     return float(veto)
 
 
+def _validate_trust_region(threshold: object, div: object) -> None:
+    if div not in TRUST_REGION_DIVS:
+        raise ValueError(
+            f"trust_region_div={div!r} must be one of {TRUST_REGION_DIVS} (k3 is verl's usual choice)."
+        )
+    if threshold is None:
+        return
+    if not _is_number(threshold) or not math.isfinite(float(threshold)) or float(threshold) <= 0:  # type: ignore[arg-type]
+        raise ValueError(
+            f"trust_region={threshold!r} must be a finite divergence bound > 0 (e.g. 0.5: rejects a sequence whose "
+            "worst token has |log r_t| ≳ 1) or None to disable trust-region rejection."
+        )
+
+
 def _validate_log_clamp(log_clamp: object) -> float:
     if not _is_number(log_clamp) or not math.isfinite(float(log_clamp)) or float(log_clamp) <= 0:
         raise ValueError(
@@ -249,7 +272,7 @@ def _check_inputs(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torc
 class ISConfig:
     """Which importance-sampling correction to apply (see the module docstring for the estimators).
 
-    ``ISConfig.from_verl`` reads the same settings written with verl's key names.
+    :func:`workbench.integrations.verl.is_config_from_verl` reads the same settings written with verl's keys.
     """
 
     mode: str = "none"
@@ -262,11 +285,17 @@ class ISConfig:
     """Drop a sequence if any valid token ratio is below this (in (0, 1)); None disables. Ignored by mode none."""
     log_clamp: float = DEFAULT_LOG_CLAMP
     """Log-ratios are clamped to ±log_clamp before exponentiating."""
+    trust_region: float | None = None
+    """Drop a sequence whose worst token has divergence ``trust_region_div`` above this (> 0); None disables.
+    Applies in every mode, ``none`` included (verl's rejection works without IS weights)."""
+    trust_region_div: str = "k3"
+    """Per-token divergence of the trust-region rule: ``"k2"`` (½ log² r) or ``"k3"`` (r − 1 − log r)."""
 
     def __post_init__(self) -> None:
         resolve_bounds(self.mode, self.lo, self.hi)
         _validate_veto(self.veto)
         _validate_log_clamp(self.log_clamp)
+        _validate_trust_region(self.trust_region, self.trust_region_div)
 
     @property
     def bounds(self) -> tuple[float | None, float | None]:
@@ -276,60 +305,6 @@ class ISConfig:
     def apply(self, logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torch.Tensor) -> ISResult:
         """Compute the weights of this configuration; same as :func:`importance_weights`."""
         return _compute(self, logp_train, logp_infer, mask)
-
-    @classmethod
-    def from_verl(cls, config: Mapping[str, Any] | str, *, log_clamp: float = DEFAULT_LOG_CLAMP) -> ISConfig:
-        """Build an ISConfig from a verl rollout-correction config (any of verl's three spellings) or preset.
-
-        verl has spelled this feature three ways; all are accepted, flat or nested under ``algorithm`` and/or
-        ``rollout_correction``:
-
-        1. ``algorithm.rollout_is_*`` (2025-10): ``rollout_is`` (bool: apply weights; False = metrics only),
-           ``rollout_is_threshold`` (upper; null disables), ``rollout_is_threshold_lower`` (null = 1/upper),
-           ``rollout_is_level`` ("token" | "sequence" | "geometric"), ``rollout_is_mode`` ("truncate" |
-           "mask"; the older name "clip" = "mask"), ``rollout_is_veto_threshold``.
-        2. ``algorithm.rollout_correction`` (2025-11): ``rollout_is`` ("token" | "sequence" | null, truncated
-           weights), ``rollout_is_threshold``, ``rollout_rs`` ("token" | "sequence" | "geometric" | null,
-           rejection), ``rollout_rs_threshold``, ``rollout_rs_threshold_lower`` (null = 1/upper),
-           ``rollout_token_veto_threshold``.
-        3. newer ``rollout_correction``: ``rollout_is_threshold`` as a float (TIS) or a ``"lo_hi"`` string such as
-           ``"0.5_2.0"`` (IcePop: zero weights outside the window); ``rollout_rs`` as ``"token_k1"``,
-           ``"seq_sum_k1"`` or ``"seq_mean_k1"`` with a ``"lo_hi"`` ``rollout_rs_threshold``. verl's k1 bounds
-           apply to ``log μ/π``, so ``"a_b"`` becomes the π/μ window ``[1/b, 1/a]`` here (identical for verl's
-           reciprocal presets such as ``"0.5_2.0"``). A preset name from :data:`VERL_PRESETS`
-           (e.g. ``"decoupled_geo_rs"``) may be passed instead of a mapping.
-
-        Mapping to modes: IS only → ``{token,seq}_tis`` (truncate) or ``{token,seq}_mis`` (mask / IcePop);
-        geometric mask or geometric RS only → ``geo_mask``; truncated IS plus rejection at the same level with
-        ``rs_hi ≤ is_hi`` → ``{token,seq}_mis`` on the RS window; nothing enabled → ``none``.
-        Differences from verl, by design: masked tokens leave the loss *and* its normaliser (verl's IcePop keeps
-        them in the denominator with weight 0); ``geo_mask`` applies weight 1 inside the window (verl's 2025-10
-        geometric mask applied the geometric ratio, which differs from 1 by at most the window width); an
-        absent veto key means no veto (verl's default), a veto of 0 means none; ``rollout_is: false`` means
-        mode ``none`` with no rejection at all.
-        Not representable (ValueError): rejection without IS at token/sequence level, combinations of
-        different levels (e.g. verl ``decoupled_geo_rs_seq_tis``), k2/k3 rejection, ``rollout_is_batch_normalize``,
-        geometric truncation. Keys that only choose verl's loss (``bypass_mode``, ``loss_type``,
-        ``use_policy_gradient``, …) are ignored: pick ``loss_type`` in :func:`workbench.rloo.policy_loss`.
-
-        Args:
-            config: verl mapping (or preset name).
-            log_clamp: log-ratio clamp for the result (verl's SAFETY_BOUND is also 20).
-
-        Returns:
-            The equivalent :class:`ISConfig`.
-
-        Raises:
-            ValueError: unknown key, unknown value, or a combination this workbench cannot express.
-
-        >>> ISConfig.from_verl({"rollout_is": True, "rollout_is_threshold": 2.0, "rollout_is_level": "token",
-        ...                     "rollout_is_mode": "truncate", "rollout_is_veto_threshold": 1e-4})
-        ISConfig(mode='token_tis', lo=None, hi=2.0, veto=0.0001, log_clamp=20.0)
-        >>> ISConfig.from_verl({"rollout_correction": {"rollout_is": "sequence", "rollout_is_threshold": "0.5_2.0"}})
-        ISConfig(mode='seq_mis', lo=0.5, hi=2.0, veto=None, log_clamp=20.0)
-        """
-        mode, lo, hi, veto = _parse_verl(config)
-        return cls(mode=mode, lo=lo, hi=hi, veto=veto, log_clamp=log_clamp)
 
 
 @dataclass
@@ -361,6 +336,8 @@ def importance_weights(
     hi: float | None = None,
     veto: float | None = DEFAULT_VETO,
     log_clamp: float = DEFAULT_LOG_CLAMP,
+    trust_region: float | None = None,
+    trust_region_div: str = "k3",
 ) -> ISResult:
     """Importance weights ``π/μ`` of sampled tokens, corrected by ``mode``, plus before/after statistics.
 
@@ -374,6 +351,8 @@ def importance_weights(
         hi: upper ratio bound / cap; None = reciprocal of ``lo`` or the mode default.
         veto: drop a sequence if any valid token ratio is below this; None disables; ignored by ``none``.
         log_clamp: clamp log-ratios to ``±log_clamp`` before ``exp``.
+        trust_region: drop a sequence whose worst token's divergence exceeds this; None disables.
+        trust_region_div: ``"k2"`` or ``"k3"``, the per-token divergence of that rule.
 
     Returns:
         :class:`ISResult` with detached float32 ``weights`` (0 where not kept), ``keep``, ``seq_keep`` and
@@ -381,14 +360,22 @@ def importance_weights(
 
     Raises:
         ValueError: bad shapes/dtypes, a non-bool mask, non-finite log-probs at valid positions, or bad
-            mode/bounds/veto/log_clamp.
+            mode/bounds/veto/log_clamp/trust region.
 
     >>> lp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
     >>> res = importance_weights(lp, lp, torch.ones(2, 2, dtype=torch.bool), mode="seq_mis")
     >>> res.weights.tolist(), res.seq_keep.tolist()
     ([[1.0, 1.0], [1.0, 1.0]], [True, True])
     """
-    cfg = ISConfig(mode=mode, lo=lo, hi=hi, veto=veto, log_clamp=log_clamp)
+    cfg = ISConfig(
+        mode=mode,
+        lo=lo,
+        hi=hi,
+        veto=veto,
+        log_clamp=log_clamp,
+        trust_region=trust_region,
+        trust_region_div=trust_region_div,
+    )
     return _compute(cfg, logp_train, logp_infer, mask)
 
 
@@ -443,6 +430,15 @@ def _compute(
         else:
             vetoed = torch.zeros_like(has_tok)
 
+        # trust region: the worst token's divergence, on the clamped log-ratio as verl computes it
+        if cfg.trust_region is not None:
+            u = log_r.clamp(-clamp, clamp)  # (B, T)
+            div = 0.5 * u * u if cfg.trust_region_div == "k2" else torch.exp(u) - 1.0 - u  # (B, T)
+            outside = ((div > cfg.trust_region) & mask).any(-1)  # (B,)
+        else:
+            outside = torch.zeros_like(has_tok)
+        rejected = vetoed | outside  # (B,) whole sequences out, whatever the mode
+
         # ---- the mode's unit: tokens (B, T) or sequences (B,)
         if mode in _TOKEN_LEVEL:
             unit_log_r, unit_ratio, unit_valid = log_r, tok_ratio, mask
@@ -472,12 +468,12 @@ def _compute(
 
         # ---- combine masking and veto into token-level keep
         if mode in _TOKEN_LEVEL:
-            seq_keep = ~vetoed
+            seq_keep = ~rejected
             keep = mask & ~masked & seq_keep[:, None]  # (B, T)
             tok_w = unit_w
             kept_units = keep
         else:
-            seq_keep = ~masked & ~vetoed  # (B,)
+            seq_keep = ~masked & ~rejected  # (B,)
             keep = mask & seq_keep[:, None]  # (B, T)
             tok_w = unit_w[:, None].expand_as(log_r)  # (B, T)
             kept_units = has_tok & seq_keep
@@ -494,6 +490,7 @@ def _compute(
             _frac(truncated.sum(), n_units),
             _frac(masked.sum(), n_units),
             _frac((vetoed & has_tok).sum(), n_seqs),
+            _frac((outside & has_tok).sum(), n_seqs),
             _frac(clamped.sum(), n_units),
             _frac(keep.sum(), n_valid_tok),
             _frac((has_tok & seq_keep).sum(), n_seqs),
@@ -502,239 +499,3 @@ def _compute(
         ]
         stats = dict(zip(IS_METRIC_DOCS, torch.stack(values).tolist(), strict=True))
     return ISResult(weights=weights, keep=keep, seq_keep=seq_keep, stats=stats)
-
-
-# -------------------------------------------------------------------------------------------------- verl
-#: verl ``RolloutCorrectionConfig`` factory presets that map onto one mode here (preset name → verl keys).
-VERL_PRESETS: dict[str, dict[str, Any]] = {
-    "disabled": {"rollout_is": None, "rollout_rs": None},
-    "bypass_ppo_clip": {
-        "rollout_is": None,
-        "rollout_rs": None,
-    },  # PPO ratio only: policy_loss(loss_type="ppo_clip")
-    "decoupled_token_is": {"rollout_is": "token", "rollout_is_threshold": 2.0},
-    "decoupled_seq_is": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
-    "bypass_pg_is": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
-    "decoupled_token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
-    "bypass_pg_token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
-    "decoupled_seq_is_rs": {
-        "rollout_is": "sequence",
-        "rollout_is_threshold": 2.0,
-        "rollout_rs": "seq_sum_k1",
-        "rollout_rs_threshold": "0.5_2.0",
-    },
-    "decoupled_geo_rs": {
-        "rollout_is": None,
-        "rollout_rs": "seq_mean_k1",
-        "rollout_rs_threshold": "0.999_1.001",
-    },
-    "bypass_pg_geo_rs": {
-        "rollout_is": None,
-        "rollout_rs": "seq_mean_k1",
-        "rollout_rs_threshold": "0.999_1.001",
-    },
-    "bypass_ppo_clip_geo_rs": {
-        "rollout_is": None,
-        "rollout_rs": "seq_mean_k1",
-        "rollout_rs_threshold": "0.999_1.001",
-    },
-}
-
-_VERL_KEYS = (
-    "rollout_is",
-    "rollout_is_threshold",
-    "rollout_is_threshold_lower",
-    "rollout_is_level",
-    "rollout_is_mode",
-    "rollout_is_veto_threshold",
-    "rollout_token_veto_threshold",
-    "rollout_is_batch_normalize",
-    "rollout_rs",
-    "rollout_rs_threshold",
-    "rollout_rs_threshold_lower",
-)
-# keys that only choose verl's loss / pipeline, not the weights
-_VERL_IGNORED = (
-    "bypass_mode",
-    "loss_type",
-    "use_policy_gradient",
-    "bypass_old_logprob_for_rollout",
-    "use_pure_rollout_correction",
-)
-_LEVEL_TO_PREFIX = {"token": "token", "sequence": "seq"}
-
-
-def _parse_threshold(key: str, spec: object) -> tuple[float | None, float]:
-    """verl threshold → ``(lower or None, upper)``: a number, a numeric string, or a ``"lo_hi"`` string."""
-    if _is_number(spec):
-        return None, float(spec)  # type: ignore[arg-type]
-    if isinstance(spec, str) and spec.strip():
-        parts = spec.strip().split("_")
-        try:
-            nums = [float(p) for p in parts]
-        except ValueError:
-            nums = []
-        if len(nums) == 1:
-            return None, nums[0]
-        if len(nums) == 2:
-            return nums[0], nums[1]
-    raise ValueError(f"{key}={spec!r} must be a number or a 'lo_hi' string such as '0.5_2.0'.")
-
-
-def _unwrap_verl(config: Mapping[str, Any] | str) -> dict[str, Any]:
-    """Preset name or (possibly nested) verl mapping → the flat dict of rollout-correction keys."""
-    if isinstance(config, str):
-        if config not in VERL_PRESETS:
-            raise ValueError(
-                f"verl preset {config!r} has no single-mode equivalent here; supported presets: "
-                f"{sorted(VERL_PRESETS)} (combined presets such as decoupled_geo_rs_seq_tis and k3 rejection "
-                "are not expressible as one mode)."
-            )
-        return dict(VERL_PRESETS[config])
-    if not isinstance(config, Mapping):
-        raise ValueError(
-            f"config must be a mapping of verl keys or a preset name, got {type(config).__name__}."
-        )
-    cfg: Mapping[str, Any] = config
-    in_algorithm = (
-        False  # inside verl's `algorithm` section other settings (gamma, adv_estimator, ...) may sit
-    )
-    if isinstance(cfg.get("algorithm"), Mapping):
-        cfg, in_algorithm = cfg["algorithm"], True
-    if "rollout_correction" in cfg:
-        section = cfg["rollout_correction"]
-        outer = sorted(k for k in cfg if k.startswith("rollout_") and k != "rollout_correction")
-        if outer:
-            raise ValueError(
-                f"keys {outer} sit beside the rollout_correction section; move them inside it (verl reads only one)."
-            )
-        if section is None:  # verl: rollout_correction: null disables the feature
-            return {}
-        if not isinstance(section, Mapping):
-            raise ValueError(f"rollout_correction={section!r} must be a mapping of verl keys or null.")
-        cfg, in_algorithm = section, False
-    known = (*_VERL_KEYS, *_VERL_IGNORED)
-    unknown = sorted(k for k in cfg if k not in known and (k.startswith("rollout_") or not in_algorithm))
-    if unknown:
-        raise ValueError(
-            f"unknown verl rollout-correction key(s) {unknown}; accepted keys: {list(_VERL_KEYS)} "
-            f"(ignored, loss-only: {list(_VERL_IGNORED)})."
-        )
-    return {k: v for k, v in cfg.items() if k in _VERL_KEYS}
-
-
-def _parse_verl(config: Mapping[str, Any] | str) -> tuple[str, float | None, float | None, float | None]:
-    c = _unwrap_verl(config)
-
-    # ---- veto (either spelling); absent = verl's default (disabled); 0 = "no ratio is below 0" = disabled
-    vetos = {
-        k: c[k] for k in ("rollout_is_veto_threshold", "rollout_token_veto_threshold") if c.get(k) is not None
-    }
-    if len(set(vetos.values())) > 1:
-        raise ValueError(f"conflicting veto thresholds {vetos}; set only one of them.")
-    veto = next(iter(vetos.values()), None)
-    if veto is not None and _is_number(veto) and float(veto) == 0.0:
-        veto = None
-    if veto is not None and not _is_number(veto):
-        raise ValueError(f"veto threshold {veto!r} must be a number in (0, 1) or null.")
-
-    if c.get("rollout_is_batch_normalize", False):
-        raise ValueError(
-            "rollout_is_batch_normalize=True (weights rescaled to batch mean 1) is not supported; set it to false."
-        )
-
-    # ---- IS part: level, kind ("truncate" | "mask"), bounds
-    flag = c.get("rollout_is")
-    level_key = c.get("rollout_is_level")
-    if isinstance(flag, bool):  # 2025-10 spelling: bool switch + rollout_is_level
-        level = (level_key or "token") if flag else None
-    elif flag is None:
-        level = None
-    elif isinstance(flag, str):
-        if level_key is not None and level_key != flag:
-            raise ValueError(
-                f"rollout_is={flag!r} conflicts with rollout_is_level={level_key!r}; set one of them."
-            )
-        level = flag
-    else:
-        raise ValueError(f"rollout_is={flag!r} must be a bool, 'token', 'sequence', 'geometric' or null.")
-    if level is not None and level not in ("token", "sequence", "geometric"):
-        raise ValueError(f"IS level {level!r} must be 'token', 'sequence' or 'geometric'.")
-
-    threshold = c.get("rollout_is_threshold", 2.0)
-    is_part: tuple[str, str, float | None, float] | None = None
-    if level is not None and threshold is not None:
-        t_lo, t_hi = _parse_threshold("rollout_is_threshold", threshold)
-        kind = c.get("rollout_is_mode", "truncate")
-        if kind == "clip":
-            kind = "mask"  # verl's earliest name for zeroing weights outside [lower, upper]
-        if kind not in ("truncate", "mask"):
-            raise ValueError(f"rollout_is_mode={kind!r} must be 'truncate' or 'mask' ('clip' = 'mask').")
-        if t_lo is not None:  # "lo_hi" string: IcePop = mask
-            kind = "mask"
-        lower = t_lo if t_lo is not None else c.get("rollout_is_threshold_lower")
-        if kind == "mask":
-            lower = (1.0 / t_hi) if lower is None else float(lower)
-        else:
-            lower = None  # truncation ignores the lower bound
-        is_part = (level, kind, lower, t_hi)
-
-    # ---- rejection part: level and π/μ window
-    rs = c.get("rollout_rs")
-    rs_part: tuple[str, float, float] | None = None
-    if rs is not None:
-        spec = c.get("rollout_rs_threshold")
-        if spec is None:
-            raise ValueError(f"rollout_rs={rs!r} needs rollout_rs_threshold (e.g. '0.999_1.001').")
-        if rs in ("token", "sequence", "geometric"):  # 2025-11: bounds on the ratio π/μ itself
-            r_lo, r_hi = _parse_threshold("rollout_rs_threshold", spec)
-            low = c.get("rollout_rs_threshold_lower")
-            r_lo = r_lo if r_lo is not None else (1.0 / r_hi if low is None else float(low))
-            rs_part = (rs, r_lo, r_hi)
-        elif rs in ("token_k1", "seq_sum_k1", "seq_mean_k1"):  # newer: k1 = log μ/π in [log a, log b]
-            a, b = _parse_threshold("rollout_rs_threshold", spec)
-            a = 1.0 / b if a is None else a
-            rs_level = {"token_k1": "token", "seq_sum_k1": "sequence", "seq_mean_k1": "geometric"}[rs]
-            rs_part = (rs_level, 1.0 / b, 1.0 / a)
-        else:
-            raise ValueError(
-                f"rollout_rs={rs!r} cannot be expressed here; supported: 'token', 'sequence', 'geometric', "
-                "'token_k1', 'seq_sum_k1', 'seq_mean_k1' (k2/k3 divergence filters and comma lists are not)."
-            )
-
-    # ---- resolve to one mode
-    if is_part is None and rs_part is None:
-        return "none", None, None, veto
-    if is_part is not None and rs_part is None:
-        lvl, kind, lower, upper = is_part
-        if lvl == "geometric":
-            if kind != "mask":
-                raise ValueError(
-                    "rollout_is_level='geometric' with rollout_is_mode='truncate' has no equivalent; "
-                    "use rollout_is_mode='mask' (→ geo_mask)."
-                )
-            return "geo_mask", lower, upper, veto
-        prefix = _LEVEL_TO_PREFIX[lvl]
-        return (
-            (f"{prefix}_tis", None, upper, veto)
-            if kind == "truncate"
-            else (f"{prefix}_mis", lower, upper, veto)
-        )
-    assert rs_part is not None
-    rs_level, r_lo, r_hi = rs_part
-    if is_part is None:
-        if rs_level == "geometric":
-            return "geo_mask", r_lo, r_hi, veto
-        raise ValueError(
-            f"rejection at {rs_level} level without IS weights (rollout_is=null) has no equivalent here: "
-            f"mode '{_LEVEL_TO_PREFIX[rs_level]}_mis' also applies the ratio as a weight; set "
-            f"rollout_is={rs_level!r} to accept that, or use the geometric filter."
-        )
-    lvl, kind, _, upper = is_part
-    if lvl != rs_level or kind != "truncate" or r_hi > upper:
-        raise ValueError(
-            f"IS at {lvl} level ({kind}, threshold {upper}) combined with rejection at {rs_level} level "
-            f"(window [{r_lo:.6g}, {r_hi:.6g}]) is not one mode here; supported combination: truncated IS and "
-            "rejection at the same token/sequence level with rs upper ≤ is upper (→ token_mis / seq_mis)."
-        )
-    return f"{_LEVEL_TO_PREFIX[lvl]}_mis", r_lo, r_hi, veto

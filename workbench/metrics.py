@@ -36,13 +36,21 @@ from statistics import NormalDist
 
 import torch
 
-from workbench.dvp import DEFAULT_BLOCK_BYTES, TokenStats, safe_mask, token_in_safe_set, validate_rho
+from workbench.dvp import (
+    DEFAULT_BLOCK_BYTES,
+    MASK_MARGIN,
+    TokenStats,
+    safe_mask,
+    token_in_safe_set,
+    validate_rho,
+)
 
 __all__ = [
     "DEFAULT_LOG_CLAMP",
     "DEFAULT_P_EDGES",
     "DVP_METRIC_DOCS",
     "MISMATCH_METRIC_DOCS",
+    "boundary_from_logprobs",
     "boundary_tokens",
     "delta_by_prob_bin",
     "dvp_metrics",
@@ -629,6 +637,27 @@ def boundary_tokens(
             "or check that tokenizer and logits share a vocabulary"
         )
     return ~token_in_safe_set(logits_train, ids, rho, temperature=temperature, mask=valid)  # invalid: inside
+
+
+def boundary_from_logprobs(logp_mp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Boundary tokens read from DVP log-probs alone, for callers that never see logits (verl's loss).
+
+    A token outside the trainer's safe set gets ``log π^mp = −MASK_MARGIN − log Σ_{V_S} e^{z − max} ≤
+    −MASK_MARGIN`` (:func:`workbench.dvp.token_logprobs`), a token inside at least ``log ρ − log |V|``. The
+    cut at ``−MASK_MARGIN / 2`` separates the two for every ``ρ > e^{−500} |V|``, so this equals
+    :func:`boundary_tokens` on the logits the log-probs came from.
+
+    Args:
+        logp_mp: ``[...]`` ``log π^mp`` of the sampled tokens (any float dtype).
+        mask: ``[...]`` bool, valid tokens (others are reported False).
+
+    Returns:
+        ``[...]`` bool, True where the token was pruned by the trainer.
+
+    >>> boundary_from_logprobs(torch.tensor([-0.1, -1000.7, -1000.7]), torch.tensor([True, True, False]))
+    tensor([False,  True, False])
+    """
+    return mask & (logp_mp.detach() < -MASK_MARGIN / 2)
 
 
 # ----------------------------------------------------------------------------------------------------

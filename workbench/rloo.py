@@ -12,6 +12,19 @@ touches the mask, so rejected samples still move their neighbours' advantages; h
 (``valid=False``) and get advantage 0. A group left with fewer than two valid samples has no leave-one-out
 baseline and gets 0 everywhere.
 
+The corrected batch (one function for the trainer, the TRL trainer and the verl loss):
+:func:`corrected_batch` turns (trainer log-probs, engine log-probs, masks, rewards) into everything a step
+needs, always in this order::
+
+    IS weights, keep mask      importance.ISConfig.apply(logp_train, logp_infer, mask)   (veto, trust region)
+    boundary tokens dropped    keep &= ~boundary   (sampled tokens outside the trainer's safe set)
+    advantages                 rloo/grpo_advantages(rewards, k, valid = sequences still kept)
+    loss inputs                weights, keep, advantages, logp_old  →  policy_loss
+    metrics                    is/…, mismatch/… on valid tokens *that are not boundary tokens*, dvp/boundary_tokens
+
+Boundary tokens stay out of the mismatch metrics: under DVP their trainer log-prob is the pruned placeholder
+(≈ −MASK_MARGIN), an artefact that would swamp k1/k3; they are counted in ``dvp/boundary_tokens`` instead.
+
 The loss (one function, every variant a keyword)::
 
     pg:        L = −Σ_{kept t} w_t · A · log π(y_t)                         / normaliser
@@ -31,10 +44,23 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LOSS_METRIC_DOCS", "grpo_advantages", "policy_loss", "rloo_advantages"]
+from workbench import metrics
+from workbench.importance import ISConfig
+
+__all__ = [
+    "BATCH_METRIC_DOCS",
+    "LOSS_METRIC_DOCS",
+    "CorrectedBatch",
+    "corrected_batch",
+    "grpo_advantages",
+    "policy_loss",
+    "rloo_advantages",
+]
 
 LOSS_AGGS = ("token_mean", "seq_mean")
 LOSS_TYPES = ("pg", "ppo_clip")
@@ -51,6 +77,14 @@ LOSS_METRIC_DOCS: dict[str, str] = {
     "loss/ratio_mean": "ppo_clip only: mean of ρ = π/π_old over kept tokens",
     "loss/approx_kl": "ppo_clip only: k3 estimate of KL(π_old‖π), mean of (ρ − 1) − log ρ over kept tokens",
 }
+
+ADVANTAGES = ("rloo", "grpo")
+BATCH_METRIC_DOCS: dict[str, str] = {
+    "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set at the training ρ (dropped from the "
+    "loss when drop_boundary_tokens, and left out of every mismatch/* metric: their masked log-prob is a "
+    "placeholder); TRL: mean over processes of each one's generation batch",
+}
+"""Keys :func:`corrected_batch` adds beside ``is/…`` and ``mismatch/…``."""
 
 
 # ------------------------------------------------------------------------------------------- advantages
@@ -333,3 +367,169 @@ def policy_loss(
         keys = list(LOSS_METRIC_DOCS)[: len(values)]
         stats = dict(zip(keys, torch.stack([v.to(torch.float64) for v in values]).tolist(), strict=True))
     return loss, stats
+
+
+# ------------------------------------------------------------------------------------- corrected batch
+@dataclass
+class CorrectedBatch:
+    """Output of :func:`corrected_batch`: the loss inputs of one batch and its metrics.
+
+    Attributes:
+        weights: ``[B, T]`` float32 IS weights, detached, 0 where ``keep`` is False.
+        keep: ``[B, T]`` bool; the token is in the loss (valid, not masked/vetoed/rejected, not a dropped
+            boundary token).
+        seq_keep: ``[B]`` bool; the sequence still has a kept token (it sits in its group's baseline).
+        advantages: ``[B]`` one advantage per sequence of this batch (0 for rejected sequences when computed
+            from rewards).
+        logp_old: ``[B, T]`` the detached trainer log-probs (the PPO ratio's reference).
+        metrics: ``is/…`` (:data:`workbench.importance.IS_METRIC_DOCS`), ``mismatch/…``
+            (:data:`workbench.metrics.MISMATCH_METRIC_DOCS`) and :data:`BATCH_METRIC_DOCS`.
+    """
+
+    weights: torch.Tensor
+    keep: torch.Tensor
+    seq_keep: torch.Tensor
+    advantages: torch.Tensor
+    logp_old: torch.Tensor
+    metrics: dict[str, float]
+
+    def loss(
+        self, logp: torch.Tensor, *, agg: str = "token_mean", loss_type: str = "pg", clip_eps: float = 0.2
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:func:`policy_loss` of the differentiable ``logp [B, T]`` on this batch's loss inputs."""
+        return policy_loss(
+            logp,
+            self.advantages,
+            self.keep,
+            self.weights,
+            agg=agg,
+            loss_type=loss_type,
+            logp_old=self.logp_old,
+            clip_eps=clip_eps,
+        )
+
+
+def corrected_batch(
+    logp_train: torch.Tensor,
+    logp_infer: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    is_config: ISConfig,
+    boundary: torch.Tensor | None = None,
+    drop_boundary: bool = True,
+    rewards: torch.Tensor | None = None,
+    k: int | None = None,
+    advantage: str = "rloo",
+    scale: bool = True,
+    advantages: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: slice | None = None,
+) -> CorrectedBatch:
+    """IS weights → boundary tokens dropped → advantages → loss inputs → metrics, for one batch.
+
+    The one place the corrected batch is built: :class:`workbench.trainer.RLOOTrainer`, the TRL trainer
+    (:mod:`workbench.integrations.trl`) and the verl loss (:mod:`workbench.integrations.verl`) call it, so
+    the three give the same weights, advantages, loss and metrics on the same batch.
+
+    Args:
+        logp_train: ``[B, T]`` trainer log-probs of the sampled tokens (detached here; with DVP ``log π^mp``).
+        logp_infer: ``[B, T]`` engine log-probs ``log μ`` of the same tokens, or None when the caller has none
+            (verl's decoupled mode computes IS upstream and hands over ``is_weights``): then no IS runs and
+            no ``is/…`` / ``mismatch/…`` metric is emitted.
+        mask: ``[B, T]`` bool, valid response tokens.
+        is_config: the IS correction (mode, bounds, veto, trust region).
+        boundary: ``[B, T]`` bool, sampled tokens outside the trainer's safe set
+            (:func:`workbench.metrics.boundary_tokens` from logits, or
+            :func:`workbench.metrics.boundary_from_logprobs` from ``log π^mp``); None: none.
+        drop_boundary: drop boundary tokens from the loss (they leave the mismatch metrics either way).
+        rewards: ``[N]`` rewards, ``k`` consecutive samples per prompt; NaN marks an unscorable sample (out of
+            the baseline, advantage 0). ``N = B`` unless ``gather`` collects other processes' rows.
+        k: samples per prompt (with ``rewards``).
+        advantage: ``"rloo"`` (:func:`rloo_advantages`) or ``"grpo"`` (:func:`grpo_advantages`, std-scaled
+            when ``scale``).
+        scale: GRPO only: divide by the group's standard deviation.
+        advantages: ``[B]`` advantages computed by the caller's own estimator (verl's), used as given;
+            exclusive with ``rewards``.
+        is_weights: ``[B, T]`` upstream IS weights, only with ``logp_infer=None`` (None: weights 1).
+        gather: maps this batch's ``[B]`` sequence-keep mask to the ``[N]`` one of the whole generation batch
+            (TRL across processes); None: identity.
+        rows: this batch's rows within the ``[N]`` advantages (TRL's process slice); None: all.
+
+    Returns:
+        A :class:`CorrectedBatch`.
+
+    Raises:
+        ValueError: neither or both of ``rewards`` / ``advantages``, ``rewards`` without ``k``, an unknown
+            ``advantage``, ``is_weights`` together with ``logp_infer``, or a ``boundary`` of the wrong shape;
+            and the errors of :meth:`ISConfig.apply` and the advantage functions.
+
+    >>> lp = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.5]]))
+    >>> b = corrected_batch(lp, lp, torch.ones(2, 2, dtype=torch.bool), is_config=ISConfig("token_mis"),
+    ...                     rewards=torch.tensor([1.0, 0.0]), k=2)
+    >>> b.advantages.tolist(), b.metrics["mismatch/k3"], b.metrics["dvp/boundary_tokens"]
+    ([1.0, -1.0], 0.0, 0.0)
+    """
+    if (rewards is None) == (advantages is None):
+        raise ValueError(
+            "corrected_batch: pass exactly one of rewards (advantages computed here, rejected samples out of "
+            "the baseline) or advantages (the caller's own estimator, e.g. verl's)."
+        )
+    if rewards is not None and k is None:
+        raise ValueError("corrected_batch: rewards need k, the number of samples per prompt.")
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"corrected_batch: advantage={advantage!r} must be one of {ADVANTAGES}.")
+    if is_weights is not None and logp_infer is not None:
+        raise ValueError(
+            "corrected_batch: is_weights are upstream IS weights for logp_infer=None; with engine log-probs "
+            "the IS of is_config is applied here."
+        )
+    if boundary is None:
+        boundary = torch.zeros_like(mask)
+    elif boundary.shape != mask.shape or boundary.dtype != torch.bool:
+        raise ValueError(
+            f"corrected_batch: boundary must be a bool tensor of shape {tuple(mask.shape)}, got "
+            f"{(boundary.dtype, tuple(boundary.shape))}."
+        )
+    logp_old = logp_train.detach()
+    boundary = boundary & mask  # (B, T)
+
+    # 1. IS weights and keep mask
+    out: dict[str, float] = {}
+    if logp_infer is None:
+        weights = (
+            torch.ones_like(logp_old, dtype=torch.float32) if is_weights is None else is_weights.detach()
+        )
+        keep = mask
+        seq_keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    else:
+        res = is_config.apply(logp_old, logp_infer, mask)
+        weights, keep, seq_keep = res.weights, res.keep, res.seq_keep
+        out.update(res.stats)
+    # 2. boundary tokens out of the loss
+    if drop_boundary:
+        keep = keep & ~boundary  # (B, T)
+    seq_keep = seq_keep & keep.any(-1)  # (B,)
+    weights = torch.where(keep, weights, 0.0)  # (B, T)
+
+    # 3. advantages: rejected (and unscorable) samples leave the baseline
+    if rewards is not None:
+        assert k is not None
+        valid = (seq_keep if gather is None else gather(seq_keep)) & ~torch.isnan(rewards)  # (N,)
+        scores = torch.nan_to_num(rewards, nan=0.0)  # (N,)
+        if advantage == "rloo":
+            adv = rloo_advantages(scores, k, valid=valid)
+        else:
+            adv = grpo_advantages(scores, k, valid=valid, scale=scale)
+        advantages = adv if rows is None else adv[rows]  # (B,)
+    assert advantages is not None
+
+    # 4. metrics: mismatch on the tokens both sides agree are in the safe set
+    if logp_infer is not None:
+        agree = mask & ~boundary  # (B, T)
+        out.update(metrics.mismatch_metrics(logp_old, logp_infer, agree))
+        out.update(metrics.sampled_tail_delta(logp_old, logp_infer, agree))
+    out["dvp/boundary_tokens"] = float(boundary.sum())
+    return CorrectedBatch(
+        weights=weights, keep=keep, seq_keep=seq_keep, advantages=advantages, logp_old=logp_old, metrics=out
+    )

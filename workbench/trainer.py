@@ -5,8 +5,7 @@ One step, as data (see README "Design")::
     prompts ──engine.generate(ρ, perturbation, dtype)──▶ Rollout{tokens, logp_infer, mask}
             ──task.reward──▶ rewards
     trainer forward ──dvp.token_stats(ρ)──▶ logp_train (grad), log Z, entropy, |V_S|
-    (logp_train, logp_infer) ──importance_weights(mode, bounds, veto)──▶ w, keep
-    rewards ──rloo_advantages(K, valid=keep)──▶ A
+    (logp_train, logp_infer, boundary, rewards) ──rloo.corrected_batch(IS, K)──▶ w, keep, A, metrics
     loss = policy_loss(logp_train, A, keep, w) ──▶ backward, clip, Adam step, engine.sync_weights
     metrics ──▶ metrics.jsonl + callbacks + progress bar
 
@@ -46,7 +45,7 @@ from tqdm.auto import tqdm
 
 from workbench import dvp, metrics, models
 from workbench.importance import IS_METRIC_DOCS, ISConfig
-from workbench.rloo import LOSS_METRIC_DOCS, grpo_advantages, policy_loss, rloo_advantages
+from workbench.rloo import BATCH_METRIC_DOCS, LOSS_METRIC_DOCS, corrected_batch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SCHEDULES = ("constant", "linear", "cosine")
@@ -98,6 +97,11 @@ class RLOOConfig:
     """Lower bound for masking modes (``None``: the mode's default)."""
     is_hi: float | None = None
     """Upper bound / truncation cap (``None``: the mode's default)."""
+    trust_region: float | None = None
+    """Trust-region rejection (verl 0.9.1's ``seq_max_k*``): drop a sequence whose worst token's divergence
+    (``trust_region_div``) exceeds this; ``None`` disables it. See :class:`workbench.importance.ISConfig`."""
+    trust_region_div: str = "k3"
+    """Per-token divergence of the trust-region rule: ``k2`` or ``k3``."""
     veto: float | None = 1e-4
     """Drop a sequence when any token ratio falls below this; ``None`` disables the veto."""
     drop_boundary_tokens: bool = True
@@ -227,7 +231,14 @@ class RLOOConfig:
 
     def is_config(self) -> ISConfig:
         """The importance-sampling settings as a :class:`workbench.importance.ISConfig`."""
-        return ISConfig(mode=self.is_mode, lo=self.is_lo, hi=self.is_hi, veto=self.veto)
+        return ISConfig(
+            mode=self.is_mode,
+            lo=self.is_lo,
+            hi=self.is_hi,
+            veto=self.veto,
+            trust_region=self.trust_region,
+            trust_region_div=self.trust_region_div,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -277,8 +288,6 @@ TRAINER_METRIC_DOCS: dict[str, str] = {
     "mismatch/tail_logp_mean": "mean trainer log π (full vocabulary) of the tail draws; nan when there are none",
     "mismatch/tail_seqs": "sequences holding at least one tail draw",
     "mismatch/tail_pos_adv": "tail draws in sequences with a positive advantage (the loss pushes them *up*)",
-    "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set at the training ρ (dropped from the "
-    "loss, and left out of every mismatch/* metric: their masked log-prob is a placeholder)",
     "dvp/log_rho_mean": "mean over valid positions of the log ρ the trainer pruned with (per state when "
     "rho_entropy_scale > 0); nan without pruning",
     "eval/reward": "mean reward of the policy sampled by a clean engine (fp32, no perturbation, no pruning, "
@@ -375,6 +384,7 @@ def all_metric_docs() -> dict[str, str]:
     return docs
 
 
+        BATCH_METRIC_DOCS,
 Callback = Callable[["RLOOTrainer", dict[str, float]], bool | None]
 """Called after every step with the trainer and its metrics; return ``False`` to stop training."""
 
@@ -557,35 +567,30 @@ class RLOOTrainer:
             if cfg.rho is None:
                 boundary = torch.zeros_like(mask)
             elif cfg.rho_entropy_scale > 0:
-                # Outside the per-state safe set: the masked log-prob sits ~MASK_MARGIN below the max.
-                boundary = mask & (logp.detach() < -dvp.MASK_MARGIN / 2)
+                boundary = metrics.boundary_from_logprobs(logp, mask)  # outside the per-state safe set
             elif cfg.rho == math.exp(TAIL_LOG_RHO):
                 boundary = tail  # the paper's ρ: the same cut as the tail count, no second pass
             else:
                 boundary = metrics.boundary_tokens(
                     detached, rollout.tokens, cfg.rho, mask=mask, temperature=cfg.temperature
                 )
-        is_res = self._is.apply(logp.detach(), rollout.logprobs, mask)
-        keep = is_res.keep & ~boundary if cfg.drop_boundary_tokens else is_res.keep
-        seq_keep = is_res.seq_keep & keep.any(-1)
-        adv_fn = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
-        advantages = adv_fn(rewards, cfg.k, valid=seq_keep)  # (N,)
-
-        logp_old = logp.detach()
+        batch = corrected_batch(
+            logp,
+            rollout.logprobs,
+            mask,
+            is_config=self._is,
+            boundary=boundary,
+            drop_boundary=cfg.drop_boundary_tokens,
+            rewards=rewards,
+            k=cfg.k,
+            advantage=cfg.advantage,
+        )
+        advantages, logp_old = batch.advantages, batch.logp_old  # (N,), (N, T)
         grad_norm = torch.zeros(())
         for epoch in range(cfg.ppo_epochs):
             if epoch > 0:
                 logp = self._token_stats(self._forward(rollout), rollout.tokens)[0].logp
-            loss, loss_stats = policy_loss(
-                logp,
-                advantages,
-                keep,
-                is_res.weights,
-                agg=cfg.agg,
-                loss_type=cfg.loss_type,
-                logp_old=logp_old,
-                clip_eps=cfg.clip_eps,
-            )
+            loss, loss_stats = batch.loss(logp, agg=cfg.agg, loss_type=cfg.loss_type, clip_eps=cfg.clip_eps)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -628,7 +633,6 @@ class RLOOTrainer:
             "mismatch/tail_logp_mean": float(tail_logp.mean()) if tail_logp.numel() else math.nan,
             "mismatch/tail_seqs": float(tail_rows.sum()),
             "mismatch/tail_pos_adv": float(tail[advantages > 0].sum()),
-            "dvp/boundary_tokens": float(boundary.sum()),
             "dvp/log_rho_mean": float(log_rho[mask].double().mean())
             if log_rho is not None and bool(mask.any())
             else math.nan,
@@ -641,13 +645,8 @@ class RLOOTrainer:
             "perf/step_s": step_s,
             "perf/tokens_per_s": n_tok / step_s,
         }
-        # Boundary tokens are excluded from the mismatch metrics: under DVP their trainer log-prob is the
-        # finite mask value (≈ −1000), an artefact that would swamp k1/k3; they are counted separately.
-        agree = mask & ~boundary  # (N, T)
-        out.update(metrics.mismatch_metrics(logp_old, rollout.logprobs, agree))
-        out.update(metrics.sampled_tail_delta(logp_old, rollout.logprobs, agree))
+        out.update(batch.metrics)  # is/…, mismatch/… (boundary tokens left out), dvp/boundary_tokens
         out.update(metrics.dvp_metrics(stats, mask))
-        out.update(is_res.stats)
         out.update(loss_stats)
         for key, value in _PG_LOSS_DEFAULTS.items():
             out.setdefault(key, value)

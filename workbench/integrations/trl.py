@@ -13,11 +13,11 @@ checkpointing, distributed plumbing — is TRL's own. How it departs from the st
    :func:`workbench.dvp.safe_mask`) and refuses ``top_p``/``top_k``/repetition penalties, which would make the
    engine's *processed* log-probs renormalise over a different support than the trainer's.
 3. **Importance sampling, boundary tokens and advantages are ours**, computed once per generation batch in
-   :meth:`DVPGRPOTrainer._generate_and_score_completions`: :class:`workbench.importance.ISConfig` on
-   (trainer ``log π^mp``, engine log-probs), sampled tokens outside the trainer's safe set dropped
-   (:func:`workbench.metrics.boundary_tokens`), then :func:`workbench.rloo.rloo_advantages` /
-   :func:`~workbench.rloo.grpo_advantages` with rejected sequences excluded from the baseline — exactly the
-   step of :class:`workbench.trainer.RLOOTrainer`. TRL's ``vllm_importance_sampling_correction`` is turned
+   :meth:`DVPGRPOTrainer._generate_and_score_completions` by :func:`workbench.rloo.corrected_batch` — the
+   function :class:`workbench.trainer.RLOOTrainer` and the verl loss call: :class:`workbench.importance.ISConfig`
+   on (trainer ``log π^mp``, engine log-probs), sampled tokens outside the trainer's safe set
+   (:func:`workbench.metrics.boundary_tokens`) dropped and kept out of the mismatch metrics, RLOO / GRPO
+   advantages over the gathered batch with rejected and unscorable sequences out of the baseline. TRL's ``vllm_importance_sampling_correction`` is turned
    off (it would correct twice).
 4. **The loss is** :func:`workbench.rloo.policy_loss` (``pg`` or ``ppo_clip`` with ``ε = epsilon``), scaled for
    gradient accumulation as TRL's ``grpo`` loss is. TRL's ``loss_type``, ``beta`` (KL), entropy bonus,
@@ -62,14 +62,11 @@ except ImportError as err:  # pragma: no cover - exercised only without TRL
 
 from workbench import dvp, metrics
 from workbench.importance import IS_METRIC_DOCS, ISConfig
-from workbench.rloo import LOSS_METRIC_DOCS, grpo_advantages, policy_loss, rloo_advantages
+from workbench.rloo import BATCH_METRIC_DOCS, LOSS_METRIC_DOCS, corrected_batch, policy_loss
 
 __all__ = ["TRAINER_METRIC_DOCS", "DVPGRPOConfig", "DVPGRPOTrainer", "engine_rollout_func"]
 
 _OWN_METRIC_DOCS: dict[str, str] = {
-    "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set in a process's generation batch "
-    "(mean over processes; dropped from the loss when drop_boundary_tokens): the engine kept them, the trainer "
-    "prunes them",
     "dvp/rollout_logprobs": "1.0 when the engine returned per-token log-probs (vLLM or a rollout_func); 0.0 "
     "when it did not (transformers.generate), so IS compared the trainer with itself",
 }
@@ -78,6 +75,7 @@ TRAINER_METRIC_DOCS: dict[str, str] = {
     **IS_METRIC_DOCS,
     **metrics.MISMATCH_METRIC_DOCS,
     **metrics.DVP_METRIC_DOCS,
+    **BATCH_METRIC_DOCS,
     **LOSS_METRIC_DOCS,
     **_OWN_METRIC_DOCS,
 }
@@ -121,6 +119,11 @@ class DVPGRPOConfig(GRPOConfig):
     """Upper ratio bound / truncation cap (None: reciprocal of ``is_lo`` or the mode default)."""
     is_veto: float | None = 1e-4
     """Drop a sequence when any token ratio is below this; ``None`` disables the veto."""
+    is_trust_region: float | None = None
+    """Trust-region rejection (verl's ``seq_max_k*``): drop a sequence whose worst token's divergence exceeds
+    this; ``None`` disables it."""
+    is_trust_region_div: str = "k3"
+    """Per-token divergence of the trust-region rule: ``"k2"`` or ``"k3"``."""
     drop_boundary_tokens: bool = True
     """Drop sampled tokens outside the trainer's safe set from the loss (only when ``dvp_rho`` is set)."""
     advantage: str = "rloo"
@@ -240,7 +243,14 @@ class DVPGRPOConfig(GRPOConfig):
 
     def is_config(self) -> ISConfig:
         """The importance-sampling settings as a :class:`workbench.importance.ISConfig`."""
-        return ISConfig(mode=self.is_mode, lo=self.is_lo, hi=self.is_hi, veto=self.is_veto)
+        return ISConfig(
+            mode=self.is_mode,
+            lo=self.is_lo,
+            hi=self.is_hi,
+            veto=self.is_veto,
+            trust_region=self.is_trust_region,
+            trust_region_div=self.is_trust_region_div,
+        )
 
 
 @dataclass
@@ -383,37 +393,36 @@ class DVPGRPOTrainer(GRPOTrainer):
         sampling = output.get("sampling_per_token_logps")  # (B, C) engine log-probs, NaN where vLLM had none
         has_rollout = sampling is not None
         logp_infer = torch.where(torch.isnan(sampling), logp_old, sampling) if has_rollout else logp_old
-        res = self._dvp_is.apply(logp_old, logp_infer, mask)
-        boundary = fwd.boundary & mask
-        keep = res.keep & ~boundary if (args.drop_boundary_tokens and args.dvp_rho is not None) else res.keep
-        seq_keep = res.seq_keep & keep.any(-1)  # (B,)
 
-        # Advantages over the gathered generation batch: rejected and unscorable samples leave the baseline.
+        # Rewards of the gathered generation batch; NaN marks a sample no reward function could score.
         rewards_per_func = self._dvp_rewards_per_func
         if rewards_per_func is None:  # pragma: no cover - TRL always scores before returning
             raise RuntimeError("TRL returned completions without calling _calculate_rewards")
         rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)  # (N,)
-        scorable = ~torch.isnan(rewards_per_func).all(dim=1)  # (N,)
-        valid = self.accelerator.gather(seq_keep.long()).bool() & scorable  # (N,)
-        k = self.num_generations if mode == "train" else self.num_generations_eval
-        if args.advantage == "rloo":
-            advantages = rloo_advantages(rewards, k, valid=valid)
-        else:
-            advantages = grpo_advantages(rewards, k, valid=valid, scale=args.scale_rewards == "group")
-        local = slice(
-            self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)
+        rewards = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.nan, rewards)  # (N,)
+        rank = self.accelerator.process_index
+        batch = corrected_batch(
+            logp_old,
+            logp_infer,
+            mask,
+            is_config=self._dvp_is,
+            boundary=fwd.boundary,
+            drop_boundary=args.drop_boundary_tokens and args.dvp_rho is not None,
+            rewards=rewards,
+            k=self.num_generations if mode == "train" else self.num_generations_eval,
+            advantage=args.advantage,
+            scale=args.scale_rewards == "group",
+            gather=lambda seq_keep: self.accelerator.gather(seq_keep.long()).bool(),
+            rows=slice(rank * len(inputs), (rank + 1) * len(inputs)),
         )
 
-        output["advantages"] = advantages[local]  # (B,)
-        output["old_per_token_logps"] = logp_old
-        output["dvp_weights"] = res.weights  # (B, C), detached, 0 where not kept
-        output["dvp_keep"] = keep  # (B, C) bool
+        output["advantages"] = batch.advantages  # (B,)
+        output["old_per_token_logps"] = batch.logp_old
+        output["dvp_weights"] = batch.weights  # (B, C), detached, 0 where not kept
+        output["dvp_keep"] = batch.keep  # (B, C) bool
 
-        logged = dict(res.stats)
-        logged.update(metrics.mismatch_metrics(logp_old, logp_infer, mask))
-        logged.update(metrics.sampled_tail_delta(logp_old, logp_infer, mask))
+        logged = dict(batch.metrics)
         logged.update(metrics.dvp_metrics(fwd.stats, mask))
-        logged["dvp/boundary_tokens"] = float(boundary.sum())
         logged["dvp/rollout_logprobs"] = float(has_rollout)
         self._log_dvp(mode, logged)
         return output

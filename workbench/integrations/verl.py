@@ -27,7 +27,7 @@ What that API allows, and what it does not:
    compares ``old_log_prob`` (the actor's recompute — ``log π^mp`` once patched) with ``rollout_log_probs``
    (``log μ^mp``) and hands the loss ``rollout_is_weights``; :func:`rollout_correction_for` writes the verl
    settings equivalent to an :class:`workbench.importance.ISConfig` (round-trips through
-   ``ISConfig.from_verl``). verl's bypass mode replaces the loss mode by its own and cannot be used. When a
+   ``is_config_from_verl``, which also reads verl configs written by hand). verl's bypass mode replaces the loss mode by its own and cannot be used. When a
    verl version passes ``rollout_log_probs`` instead, :func:`dvp_policy_loss` applies the full ISConfig
    (veto included) itself.
 4. **Advantages stay verl's** (``algorithm.adv_estimator=rloo`` or ``grpo``: the same leave-one-out /
@@ -60,14 +60,15 @@ from typing import Any
 import torch
 
 from workbench import dvp, metrics
-from workbench.importance import IS_MODES, ISConfig
-from workbench.rloo import policy_loss
+from workbench.importance import DEFAULT_LOG_CLAMP, IS_MODES, TRUST_REGION_DIVS, ISConfig
+from workbench.rloo import corrected_batch
 
 __all__ = [
     "ENV_VAR",
     "LOSS_MODE",
     "PLUGIN_MODULE",
     "VERL_AGG",
+    "VERL_PRESETS",
     "VerlDVPConfig",
     "active_config",
     "after_import",
@@ -75,6 +76,7 @@ __all__ = [
     "dvp_logprobs_from_logits",
     "dvp_policy_loss",
     "install",
+    "is_config_from_verl",
     "rollout_correction_for",
     "sequence_advantages",
     "uninstall",
@@ -127,6 +129,10 @@ class VerlDVPConfig:
     """Upper ratio bound / truncation cap."""
     is_veto: float | None = None
     """Sequence veto threshold (in-loss path only; current verl has no veto in ``rollout_correction``)."""
+    is_trust_region: float | None = None
+    """Trust-region rejection threshold (verl's ``rollout_rs="seq_max_k*"``); None disables it."""
+    is_trust_region_div: str = "k3"
+    """Per-token divergence of the trust-region rule: ``"k2"`` or ``"k3"``."""
     loss_type: str = "ppo_clip"
     """``"ppo_clip"`` (clip range ``actor.clip_ratio``; verl reuses a batch over mini-batches) or ``"pg"``."""
     patch_logprobs: bool = True
@@ -146,7 +152,14 @@ class VerlDVPConfig:
 
     def is_config(self) -> ISConfig:
         """The in-loss importance-sampling settings as an :class:`~workbench.importance.ISConfig`."""
-        return ISConfig(mode=self.is_mode, lo=self.is_lo, hi=self.is_hi, veto=self.is_veto)
+        return ISConfig(
+            mode=self.is_mode,
+            lo=self.is_lo,
+            hi=self.is_hi,
+            veto=self.is_veto,
+            trust_region=self.is_trust_region,
+            trust_region_div=self.is_trust_region_div,
+        )
 
     def to_json(self) -> str:
         """Compact JSON of every field."""
@@ -322,12 +335,357 @@ def dvp_logprobs_from_logits(rho: float | None, chunk_size: int = 1024) -> Calla
     return logprobs_from_logits
 
 
+# ------------------------------------------------------------------ verl rollout_correction → ISConfig
+#: verl ``RolloutCorrectionConfig`` factory presets that map onto one mode here (preset name → verl keys).
+VERL_PRESETS: dict[str, dict[str, Any]] = {
+    "disabled": {"rollout_is": None, "rollout_rs": None},
+    "bypass_ppo_clip": {
+        "rollout_is": None,
+        "rollout_rs": None,
+    },  # PPO ratio only: policy_loss(loss_type="ppo_clip")
+    "decoupled_token_is": {"rollout_is": "token", "rollout_is_threshold": 2.0},
+    "decoupled_seq_is": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
+    "bypass_pg_is": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
+    "decoupled_token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
+    "bypass_pg_token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
+    "decoupled_seq_is_rs": {
+        "rollout_is": "sequence",
+        "rollout_is_threshold": 2.0,
+        "rollout_rs": "seq_sum_k1",
+        "rollout_rs_threshold": "0.5_2.0",
+    },
+    "decoupled_geo_rs": {
+        "rollout_is": None,
+        "rollout_rs": "seq_mean_k1",
+        "rollout_rs_threshold": "0.999_1.001",
+    },
+    "bypass_pg_geo_rs": {
+        "rollout_is": None,
+        "rollout_rs": "seq_mean_k1",
+        "rollout_rs_threshold": "0.999_1.001",
+    },
+    "bypass_ppo_clip_geo_rs": {
+        "rollout_is": None,
+        "rollout_rs": "seq_mean_k1",
+        "rollout_rs_threshold": "0.999_1.001",
+    },
+}
+
+_VERL_KEYS = (
+    "rollout_is",
+    "rollout_is_threshold",
+    "rollout_is_threshold_lower",
+    "rollout_is_level",
+    "rollout_is_mode",
+    "rollout_is_veto_threshold",
+    "rollout_token_veto_threshold",
+    "rollout_is_batch_normalize",
+    "rollout_rs",
+    "rollout_rs_threshold",
+    "rollout_rs_threshold_lower",
+)
+# keys that only choose verl's loss / pipeline, not the weights
+_VERL_IGNORED = (
+    "_target_",  # Hydra's class path in verl's config objects
+    "bypass_mode",
+    "loss_type",
+    "use_policy_gradient",
+    "bypass_old_logprob_for_rollout",
+    "use_pure_rollout_correction",
+)
+_LEVEL_TO_PREFIX = {"token": "token", "sequence": "seq"}
+
+
+def _parse_threshold(key: str, spec: object) -> tuple[float | None, float]:
+    """verl threshold → ``(lower or None, upper)``: a number, a numeric string, or a ``"lo_hi"`` string."""
+    if _is_number(spec):
+        return None, float(spec)  # type: ignore[arg-type]
+    if isinstance(spec, str) and spec.strip():
+        parts = spec.strip().split("_")
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            nums = []
+        if len(nums) == 1:
+            return None, nums[0]
+        if len(nums) == 2:
+            return nums[0], nums[1]
+    raise ValueError(f"{key}={spec!r} must be a number or a 'lo_hi' string such as '0.5_2.0'.")
+
+
+def _unwrap_verl(config: Mapping[str, Any] | str) -> dict[str, Any]:
+    """Preset name or (possibly nested) verl mapping → the flat dict of rollout-correction keys."""
+    if isinstance(config, str):
+        if config not in VERL_PRESETS:
+            raise ValueError(
+                f"verl preset {config!r} has no single-mode equivalent here; supported presets: "
+                f"{sorted(VERL_PRESETS)} (combined presets such as decoupled_geo_rs_seq_tis are not "
+                "expressible as one mode)."
+            )
+        return dict(VERL_PRESETS[config])
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"config must be a mapping of verl keys or a preset name, got {type(config).__name__}."
+        )
+    cfg: Mapping[str, Any] = config
+    in_algorithm = (
+        False  # inside verl's `algorithm` section other settings (gamma, adv_estimator, ...) may sit
+    )
+    if isinstance(cfg.get("algorithm"), Mapping):
+        cfg, in_algorithm = cfg["algorithm"], True
+    if "rollout_correction" in cfg:
+        section = cfg["rollout_correction"]
+        outer = sorted(k for k in cfg if k.startswith("rollout_") and k != "rollout_correction")
+        if outer:
+            raise ValueError(
+                f"keys {outer} sit beside the rollout_correction section; move them inside it (verl reads only one)."
+            )
+        if section is None:  # verl: rollout_correction: null disables the feature
+            return {}
+        if not isinstance(section, Mapping):
+            raise ValueError(f"rollout_correction={section!r} must be a mapping of verl keys or null.")
+        cfg, in_algorithm = section, False
+    known = (*_VERL_KEYS, *_VERL_IGNORED)
+    unknown = sorted(k for k in cfg if k not in known and (k.startswith("rollout_") or not in_algorithm))
+    if unknown:
+        raise ValueError(
+            f"unknown verl rollout-correction key(s) {unknown}; accepted keys: {list(_VERL_KEYS)} "
+            f"(ignored, loss-only: {list(_VERL_IGNORED)})."
+        )
+    return {k: v for k, v in cfg.items() if k in _VERL_KEYS}
+
+
+def _parse_verl(c: Mapping[str, Any]) -> tuple[str, float | None, float | None, float | None]:
+    """Flat verl keys (trust-region options already taken out) → ``(mode, lo, hi, veto)``."""
+
+    # ---- veto (either spelling); absent = verl's default (disabled); 0 = "no ratio is below 0" = disabled
+    vetos = {
+        k: c[k] for k in ("rollout_is_veto_threshold", "rollout_token_veto_threshold") if c.get(k) is not None
+    }
+    if len(set(vetos.values())) > 1:
+        raise ValueError(f"conflicting veto thresholds {vetos}; set only one of them.")
+    veto = next(iter(vetos.values()), None)
+    if veto is not None and _is_number(veto) and float(veto) == 0.0:
+        veto = None
+    if veto is not None and not _is_number(veto):
+        raise ValueError(f"veto threshold {veto!r} must be a number in (0, 1) or null.")
+
+    if c.get("rollout_is_batch_normalize", False):
+        raise ValueError(
+            "rollout_is_batch_normalize=True (weights rescaled to batch mean 1) is not supported; set it to false."
+        )
+
+    # ---- IS part: level, kind ("truncate" | "mask"), bounds
+    flag = c.get("rollout_is")
+    level_key = c.get("rollout_is_level")
+    if isinstance(flag, bool):  # 2025-10 spelling: bool switch + rollout_is_level
+        level = (level_key or "token") if flag else None
+    elif flag is None:
+        level = None
+    elif isinstance(flag, str):
+        if level_key is not None and level_key != flag:
+            raise ValueError(
+                f"rollout_is={flag!r} conflicts with rollout_is_level={level_key!r}; set one of them."
+            )
+        level = flag
+    else:
+        raise ValueError(f"rollout_is={flag!r} must be a bool, 'token', 'sequence', 'geometric' or null.")
+    if level is not None and level not in ("token", "sequence", "geometric"):
+        raise ValueError(f"IS level {level!r} must be 'token', 'sequence' or 'geometric'.")
+
+    threshold = c.get("rollout_is_threshold", 2.0)
+    is_part: tuple[str, str, float | None, float] | None = None
+    if level is not None and threshold is not None:
+        t_lo, t_hi = _parse_threshold("rollout_is_threshold", threshold)
+        kind = c.get("rollout_is_mode", "truncate")
+        if kind == "clip":
+            kind = "mask"  # verl's earliest name for zeroing weights outside [lower, upper]
+        if kind not in ("truncate", "mask"):
+            raise ValueError(f"rollout_is_mode={kind!r} must be 'truncate' or 'mask' ('clip' = 'mask').")
+        if t_lo is not None:  # "lo_hi" string: IcePop = mask
+            kind = "mask"
+        lower = t_lo if t_lo is not None else c.get("rollout_is_threshold_lower")
+        if kind == "mask":
+            lower = (1.0 / t_hi) if lower is None else float(lower)
+        else:
+            lower = None  # truncation ignores the lower bound
+        is_part = (level, kind, lower, t_hi)
+
+    # ---- rejection part: level and π/μ window
+    rs = c.get("rollout_rs")
+    rs_part: tuple[str, float, float] | None = None
+    if rs is not None:
+        spec = c.get("rollout_rs_threshold")
+        if spec is None:
+            raise ValueError(f"rollout_rs={rs!r} needs rollout_rs_threshold (e.g. '0.999_1.001').")
+        if rs in ("token", "sequence", "geometric"):  # 2025-11: bounds on the ratio π/μ itself
+            r_lo, r_hi = _parse_threshold("rollout_rs_threshold", spec)
+            low = c.get("rollout_rs_threshold_lower")
+            r_lo = r_lo if r_lo is not None else (1.0 / r_hi if low is None else float(low))
+            rs_part = (rs, r_lo, r_hi)
+        elif rs in ("token_k1", "seq_sum_k1", "seq_mean_k1"):  # newer: k1 = log μ/π in [log a, log b]
+            a, b = _parse_threshold("rollout_rs_threshold", spec)
+            a = 1.0 / b if a is None else a
+            rs_level = {"token_k1": "token", "seq_sum_k1": "sequence", "seq_mean_k1": "geometric"}[rs]
+            rs_part = (rs_level, 1.0 / b, 1.0 / a)
+        else:
+            raise ValueError(
+                f"rollout_rs={rs!r} cannot be expressed here; supported: 'token', 'sequence', 'geometric', "
+                "'token_k1', 'seq_sum_k1', 'seq_mean_k1' (other k2/k3 filters and other comma lists are not)."
+            )
+
+    # ---- resolve to one mode
+    if is_part is None and rs_part is None:
+        return "none", None, None, veto
+    if is_part is not None and rs_part is None:
+        lvl, kind, lower, upper = is_part
+        if lvl == "geometric":
+            if kind != "mask":
+                raise ValueError(
+                    "rollout_is_level='geometric' with rollout_is_mode='truncate' has no equivalent; "
+                    "use rollout_is_mode='mask' (→ geo_mask)."
+                )
+            return "geo_mask", lower, upper, veto
+        prefix = _LEVEL_TO_PREFIX[lvl]
+        return (
+            (f"{prefix}_tis", None, upper, veto)
+            if kind == "truncate"
+            else (f"{prefix}_mis", lower, upper, veto)
+        )
+    assert rs_part is not None
+    rs_level, r_lo, r_hi = rs_part
+    if is_part is None:
+        if rs_level == "geometric":
+            return "geo_mask", r_lo, r_hi, veto
+        raise ValueError(
+            f"rejection at {rs_level} level without IS weights (rollout_is=null) has no equivalent here: "
+            f"mode '{_LEVEL_TO_PREFIX[rs_level]}_mis' also applies the ratio as a weight; set "
+            f"rollout_is={rs_level!r} to accept that, or use the geometric filter."
+        )
+    lvl, kind, _, upper = is_part
+    if lvl != rs_level or kind != "truncate" or r_hi > upper:
+        raise ValueError(
+            f"IS at {lvl} level ({kind}, threshold {upper}) combined with rejection at {rs_level} level "
+            f"(window [{r_lo:.6g}, {r_hi:.6g}]) is not one mode here; supported combination: truncated IS and "
+            "rejection at the same token/sequence level with rs upper ≤ is upper (→ token_mis / seq_mis)."
+        )
+    return f"{_LEVEL_TO_PREFIX[lvl]}_mis", r_lo, r_hi, veto
+
+
+def _split_trust_region(c: Mapping[str, Any]) -> tuple[dict[str, Any], float | None, str]:
+    """Take verl's ``seq_max_k2``/``seq_max_k3`` out of ``rollout_rs`` (a comma list): the trust-region rule.
+
+    Returns the flat keys left for :func:`_parse_verl`, the threshold (None: no such option) and the divergence.
+    """
+    out = dict(c)
+    rs = out.get("rollout_rs")
+    if not isinstance(rs, str) or "seq_max_" not in rs:
+        return out, None, "k3"
+    options = [o.strip() for o in rs.split(",") if o.strip()]
+    spec = out.get("rollout_rs_threshold")
+    if spec is None:
+        raise ValueError(f"rollout_rs={rs!r} needs rollout_rs_threshold (e.g. 0.5 for seq_max_k3).")
+    specs = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [spec]
+    specs = specs * len(options) if len(specs) == 1 else specs
+    if len(specs) != len(options):
+        raise ValueError(
+            f"rollout_rs_threshold={spec!r} gives {len(specs)} thresholds for the {len(options)} options of "
+            f"rollout_rs={rs!r}; give one shared threshold or one per option."
+        )
+    trust = [(o, t) for o, t in zip(options, specs) if o.startswith("seq_max_")]
+    rest = [(o, t) for o, t in zip(options, specs) if not o.startswith("seq_max_")]
+    (option, threshold), *more = trust
+    div = option.removeprefix("seq_max_")
+    if more or div not in TRUST_REGION_DIVS:
+        raise ValueError(
+            f"rollout_rs={rs!r}: one trust-region option is supported, seq_max_k2 or seq_max_k3 "
+            f"(→ ISConfig.trust_region_div in {TRUST_REGION_DIVS})."
+        )
+    lower, upper = _parse_threshold("rollout_rs_threshold", threshold)
+    if lower is not None:
+        raise ValueError(f"{option} takes one upper bound, not the window {threshold!r} (e.g. 0.5).")
+    out["rollout_rs"] = ",".join(o for o, _ in rest) or None
+    out["rollout_rs_threshold"] = ",".join(str(t) for _, t in rest) or None
+    return out, upper, div
+
+
+def is_config_from_verl(config: Mapping[str, Any] | str, *, log_clamp: float = DEFAULT_LOG_CLAMP) -> ISConfig:
+    """Build an ISConfig from a verl rollout-correction config (any of verl's three spellings) or preset.
+
+    verl has spelled this feature three ways; all are accepted, flat or nested under ``algorithm`` and/or
+    ``rollout_correction``:
+
+    1. ``algorithm.rollout_is_*`` (2025-10): ``rollout_is`` (bool: apply weights; False = metrics only),
+       ``rollout_is_threshold`` (upper; null disables), ``rollout_is_threshold_lower`` (null = 1/upper),
+       ``rollout_is_level`` ("token" | "sequence" | "geometric"), ``rollout_is_mode`` ("truncate" |
+       "mask"; the older name "clip" = "mask"), ``rollout_is_veto_threshold``.
+    2. ``algorithm.rollout_correction`` (2025-11): ``rollout_is`` ("token" | "sequence" | null, truncated
+       weights), ``rollout_is_threshold``, ``rollout_rs`` ("token" | "sequence" | "geometric" | null,
+       rejection), ``rollout_rs_threshold``, ``rollout_rs_threshold_lower`` (null = 1/upper),
+       ``rollout_token_veto_threshold``.
+    3. newer ``rollout_correction``: ``rollout_is_threshold`` as a float (TIS) or a ``"lo_hi"`` string such as
+       ``"0.5_2.0"`` (IcePop: zero weights outside the window); ``rollout_rs`` as ``"token_k1"``,
+       ``"seq_sum_k1"`` or ``"seq_mean_k1"`` with a ``"lo_hi"`` ``rollout_rs_threshold``, and
+       ``"seq_max_k2"`` / ``"seq_max_k3"`` (Trust Region Masking, verl 0.9.1) with one upper bound, alone or
+       comma-joined with one other option (``"seq_mean_k1,seq_max_k3"`` with ``"0.999_1.001,0.5"``), which
+       becomes ``ISConfig.trust_region`` / ``trust_region_div``. verl's k1 bounds
+       apply to ``log μ/π``, so ``"a_b"`` becomes the π/μ window ``[1/b, 1/a]`` here (identical for verl's
+       reciprocal presets such as ``"0.5_2.0"``). A preset name from :data:`VERL_PRESETS`
+       (e.g. ``"decoupled_geo_rs"``) may be passed instead of a mapping.
+
+    Mapping to modes: IS only → ``{token,seq}_tis`` (truncate) or ``{token,seq}_mis`` (mask / IcePop);
+    geometric mask or geometric RS only → ``geo_mask``; truncated IS plus rejection at the same level with
+    ``rs_hi ≤ is_hi`` → ``{token,seq}_mis`` on the RS window; nothing enabled → ``none``.
+    Differences from verl, by design: masked tokens leave the loss *and* its normaliser (verl's IcePop keeps
+    them in the denominator with weight 0); ``geo_mask`` applies weight 1 inside the window (verl's 2025-10
+    geometric mask applied the geometric ratio, which differs from 1 by at most the window width); an
+    absent veto key means no veto (verl's default), a veto of 0 means none; ``rollout_is: false`` means
+    mode ``none`` with no rejection at all.
+    Not representable (ValueError): rejection without IS at token/sequence level, combinations of
+    different levels (e.g. verl ``decoupled_geo_rs_seq_tis``), k2/k3 rejection other than ``seq_max``, ``rollout_is_batch_normalize``,
+    geometric truncation. Keys that only choose verl's loss (``bypass_mode``, ``loss_type``,
+    ``use_policy_gradient``, …) are ignored: pick ``loss_type`` in :func:`workbench.rloo.policy_loss`.
+
+    Args:
+        config: verl mapping (or preset name).
+        log_clamp: log-ratio clamp for the result (verl's SAFETY_BOUND is also 20).
+
+    Returns:
+        The equivalent :class:`ISConfig`.
+
+    Raises:
+        ValueError: unknown key, unknown value, or a combination this workbench cannot express.
+
+    >>> is_config_from_verl({"rollout_is": True, "rollout_is_threshold": 2.0, "rollout_is_level": "token",
+    ...                     "rollout_is_mode": "truncate", "rollout_is_veto_threshold": 1e-4})
+    ISConfig(mode='token_tis', lo=None, hi=2.0, veto=0.0001, log_clamp=20.0)
+    >>> is_config_from_verl({"rollout_correction": {"rollout_is": "sequence", "rollout_is_threshold": "0.5_2.0"}})
+    ISConfig(mode='seq_mis', lo=0.5, hi=2.0, veto=None, log_clamp=20.0)
+    """
+    flat, trust_region, div = _split_trust_region(_unwrap_verl(config))
+    mode, lo, hi, veto = _parse_verl(flat)
+    return ISConfig(
+        mode=mode,
+        lo=lo,
+        hi=hi,
+        veto=veto,
+        log_clamp=log_clamp,
+        trust_region=trust_region,
+        trust_region_div=div,
+    )
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def rollout_correction_for(is_config: ISConfig) -> dict[str, Any]:
     """verl ``algorithm.rollout_correction`` settings equivalent to ``is_config`` (current verl spelling).
 
-    ``ISConfig.from_verl`` of the result gives back ``is_config``. Windows are written as verl's ``"lo_hi"``
-    strings (IcePop for ``rollout_is``; for the geometric mask a ``seq_mean_k1`` rejection, whose bounds apply
-    to ``log μ/π``, hence the reciprocal window).
+    :func:`is_config_from_verl` of the result gives back ``is_config``. Windows are written as verl's
+    ``"lo_hi"`` strings (IcePop for ``rollout_is``; for the geometric mask a ``seq_mean_k1`` rejection, whose
+    bounds apply to ``log μ/π``, hence the reciprocal window); the trust region is a ``seq_max_k2``/``seq_max_k3``
+    rejection (comma-joined after the geometric one).
 
     Args:
         is_config: the workbench's IS settings.
@@ -352,6 +710,10 @@ def rollout_correction_for(is_config: ISConfig) -> dict[str, Any]:
             "tail out of the rollout) or use a verl that passes rollout_log_probs to the loss."
         )
     out: dict[str, Any] = {"rollout_is": None, "rollout_rs": None, "bypass_mode": False}
+    if is_config.trust_region is not None:  # verl: one more comma-joined rejection option
+        out.update(
+            rollout_rs=f"seq_max_{is_config.trust_region_div}", rollout_rs_threshold=is_config.trust_region
+        )
     if mode == "none":
         return out
     if mode == "seq_is":
@@ -365,7 +727,14 @@ def rollout_correction_for(is_config: ISConfig) -> dict[str, Any]:
         out.update(rollout_is=level, rollout_is_threshold=f"{lo}_{hi}")
     elif mode == "geo_mask":
         assert lo is not None and hi is not None
-        out.update(rollout_rs="seq_mean_k1", rollout_rs_threshold=f"{1.0 / hi!r}_{1.0 / lo!r}")
+        geo = ("seq_mean_k1", f"{1.0 / hi!r}_{1.0 / lo!r}")
+        if out["rollout_rs"] is None:
+            out.update(rollout_rs=geo[0], rollout_rs_threshold=geo[1])
+        else:
+            out.update(
+                rollout_rs=f"{geo[0]},{out['rollout_rs']}",
+                rollout_rs_threshold=f"{geo[1]},{out['rollout_rs_threshold']!r}",
+            )
     else:  # pragma: no cover - IS_MODES is closed
         raise ValueError(f"unknown IS mode {mode!r}; one of {IS_MODES}")
     return out
@@ -394,10 +763,13 @@ def dvp_policy_loss(
     settings: VerlDVPConfig | None = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl policy loss: :func:`workbench.rloo.policy_loss` on DVP log-probs with verl's or our IS weights.
+    """verl policy loss: the workbench's corrected batch and loss on DVP log-probs, verl's or our IS weights.
 
     Registered as :data:`LOSS_MODE`. With :func:`install`'s patch, ``log_prob`` and ``old_log_prob`` are
-    already ``log π^mp``; this function never needs the logits.
+    already ``log π^mp``; this function never needs the logits. The batch goes through
+    :func:`workbench.rloo.corrected_batch`, the step the workbench trainer and the TRL trainer run: boundary
+    tokens are read from the log-probs (:func:`workbench.metrics.boundary_from_logprobs`), dropped from the
+    loss and kept out of the mismatch metrics; advantages are verl's (rejected samples stay in its baseline).
 
     Args:
         old_log_prob: ``[B, T]`` log-probs at rollout time (decoupled mode: the actor's recompute).
@@ -413,8 +785,8 @@ def dvp_policy_loss(
         **unused: keyword arguments newer verl versions may add; ignored.
 
     Returns:
-        ``(loss, metrics)``; metric keys are the workbench's (``loss/…``, and ``is/…``, ``mismatch/…`` when the
-        IS is computed here).
+        ``(loss, metrics)``; metric keys are the workbench's (``loss/…``, ``dvp/boundary_tokens``, and ``is/…``,
+        ``mismatch/…`` when the IS is computed here).
 
     Raises:
         ValueError: unsupported ``loss_agg_mode``, token-varying advantages, asymmetric PPO clip.
@@ -440,29 +812,21 @@ def dvp_policy_loss(
             "set both to actor.clip_ratio."
         )
 
-    logged: dict[str, float] = {}
-    keep, weights = mask, rollout_is_weights
-    if rollout_is_weights is None and rollout_log_probs is not None:
-        old = old_log_prob.detach().float()
-        res = s.is_config().apply(old, rollout_log_probs.float(), mask)
-        keep, weights = res.keep, res.weights
-        logged.update(res.stats)
-        logged.update(metrics.mismatch_metrics(old, rollout_log_probs.float(), mask))
-
-    loss, stats = policy_loss(
-        log_prob.float(),
-        seq_adv,
-        keep,
-        weights,
-        agg=agg,
-        loss_type=s.loss_type,
-        logp_old=old_log_prob,
-        clip_eps=float(high),
+    old = old_log_prob.detach().float()  # (B, T) log π^mp at rollout time
+    in_loss_is = rollout_is_weights is None and rollout_log_probs is not None
+    batch = corrected_batch(
+        old,
+        rollout_log_probs.float() if in_loss_is else None,  # type: ignore[union-attr]
+        mask,
+        is_config=s.is_config(),
+        boundary=metrics.boundary_from_logprobs(old, mask) if s.rho is not None else None,
+        advantages=seq_adv,
+        is_weights=None if in_loss_is else rollout_is_weights,
     )
+    loss, stats = batch.loss(log_prob.float(), agg=agg, loss_type=s.loss_type, clip_eps=float(high))
     info = _cfg_get(config, "global_batch_info") or {}
     loss = loss * verl_global_scale(agg, stats["loss/kept_tokens"], stats["loss/kept_seqs"], info)
-    logged.update(stats)
-    return loss, logged
+    return loss, {**batch.metrics, **stats}
 
 
 # ------------------------------------------------------------------------------------ import hooks
@@ -552,10 +916,11 @@ def _patch_logprobs(torch_functional: types.ModuleType, cfg: VerlDVPConfig) -> N
         return
     patched = dvp_logprobs_from_logits(cfg.rho, cfg.chunk_size)
     _set(torch_functional, "logprobs_from_logits", patched)
-    # Modules that bound the original with `from ... import logprobs_from_logits` before the patch.
+    # Modules that bound the original with `from ... import logprobs_from_logits` before the patch. Read each
+    # module's __dict__, never getattr: lazy modules (transformers) import submodules from __getattr__.
     for module in list(sys.modules.values()):
         if module is not None and module is not torch_functional:
-            if getattr(module, "logprobs_from_logits", None) is original:
+            if getattr(module, "__dict__", {}).get("logprobs_from_logits") is original:
                 _set(module, "logprobs_from_logits", patched)
 
 
@@ -734,15 +1099,18 @@ def check_verl_config(cfg: Mapping[str, Any]) -> VerlDVPConfig:
     rc = _dig(cfg, "algorithm.rollout_correction")
     if isinstance(rc, Mapping):
         try:
-            verl_is = ISConfig.from_verl({"rollout_correction": dict(rc)})
+            verl_is = is_config_from_verl({"rollout_correction": dict(rc)})
         except ValueError as e:
             problems.append(f"algorithm.rollout_correction: {e}")
         else:
             ours = settings.is_config()
-            if (verl_is.mode, verl_is.bounds) != (ours.mode, ours.bounds):
+            theirs_tr = (verl_is.trust_region, verl_is.trust_region_div if verl_is.trust_region else None)
+            ours_tr = (ours.trust_region, ours.trust_region_div if ours.trust_region else None)
+            if (verl_is.mode, verl_is.bounds, theirs_tr) != (ours.mode, ours.bounds, ours_tr):
                 problems.append(
-                    f"algorithm.rollout_correction means IS {verl_is.mode} {verl_is.bounds} but {ENV_VAR} says "
-                    f"{ours.mode} {ours.bounds}; write it with rollout_correction_for(VerlDVPConfig(...).is_config())"
+                    f"algorithm.rollout_correction means IS {verl_is.mode} {verl_is.bounds} trust region {theirs_tr} "
+                    f"but {ENV_VAR} says {ours.mode} {ours.bounds} trust region {ours_tr}; write it with "
+                    "rollout_correction_for(VerlDVPConfig(...).is_config())"
                 )
     if problems:
         raise ValueError("verl config is not ready for DVP:\n  " + "\n  ".join(problems))
