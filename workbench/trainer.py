@@ -378,13 +378,13 @@ def all_metric_docs() -> dict[str, str]:
         metrics.MISMATCH_METRIC_DOCS,
         metrics.DVP_METRIC_DOCS,
         IS_METRIC_DOCS,
+        BATCH_METRIC_DOCS,
         LOSS_METRIC_DOCS,
     ):
         docs.update(part)
     return docs
 
 
-        BATCH_METRIC_DOCS,
 Callback = Callable[["RLOOTrainer", dict[str, float]], bool | None]
 """Called after every step with the trainer and its metrics; return ``False`` to stop training."""
 
