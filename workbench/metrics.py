@@ -386,8 +386,10 @@ def sampled_tail_delta(
 ) -> dict[str, float]:
     """Mean Δ of sampled low-probability tokens with a confidence interval: the "positive mode" test.
 
-    Prop 4.3: conditioning on "the engine sampled token a" tilts its logit noise upwards, so for tail
-    tokens (trainer probability ``p ≪ 1``) ``E[Δ | sampled] ≈ σ² (1 − p) > 0``. This selects valid tokens
+    Prop 4.3 (Δ = log μ − log π, the paper's Δ'): conditioning on "the engine sampled token a" tilts its logit
+    noise upwards, so for tail tokens (trainer probability ``p ≪ 1``) the mode of Δ is
+    ``≈ σ²[(1 − p_a)(1 − p'_a) + Σ_{k≠a} p_k p'_k] > 0`` and its mean, what this estimates, is
+    ``σ²(½ − 2p_a + (3/2)Σ_b p_b²) > 0`` (:mod:`workbench.theory.prop43`). This selects valid tokens
     with ``p = exp(logp_train) < p_max`` and reports their count, mean Δ, a two-sided ``confidence``
     interval ``mean ± t_{(1+c)/2, n−1} · s / √n`` (Student t, which tends to the normal approximation for
     large n; ``s`` is the sample standard deviation) and the fraction with Δ > 0. The mean is ``nan`` with
