@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``sft``, ``train``, ``report`` and ``demo``.
+"""The ``workbench`` command: ``sft``, ``train``, ``report``, ``demo`` and ``diagnose``.
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     workbench report runs/a runs/b --out report.html
     workbench report results/headline_floor12/results.json --out headline.svg   # needs kaleido
     workbench demo --steps 60
+    workbench diagnose --model multiadd --engine torch --engine-dtype bf16 --samples 256 --out d
 """
 
 from __future__ import annotations
@@ -213,6 +214,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_rhos(text: str) -> tuple[float, ...]:
+    """``--rhos 1e-2,1e-4,…`` as floats (their range is checked by ``DiagnoseConfig``)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--rhos {text!r} is invalid: allowed a comma-separated list of numbers in (0, 1], "
+            "e.g. --rhos 1e-2,1e-4,2.26e-6"
+        ) from None
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from workbench.experiments.diagnose import DEFAULT_RHOS, DiagnoseConfig, run_diagnosis
+    from workbench.experiments.runner import atomic_write_text
+    from workbench.viz.diagnose_report import diagnose_report_html
+
+    config = DiagnoseConfig(
+        model=args.model,
+        engine=args.engine,
+        engine_dtype=args.engine_dtype,
+        perturbation=args.perturbation,
+        task=args.task,
+        prompts=args.prompts,
+        samples=args.samples,
+        k=args.k,
+        batch_prompts=args.batch_prompts,
+        max_new_tokens=args.max_new_tokens,
+        rhos=args.rhos or DEFAULT_RHOS,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    result = run_diagnosis(config, out, force=args.force, progress=True)
+    report = atomic_write_text(out / "report.html", diagnose_report_html(result.to_dict()))
+    naive = result.naive
+    print(
+        f"{result.engine}: {result.n_tokens} tokens in {result.wall_s:.1f} s  k1 {naive['k1']:.2e}  "
+        f"k3 {naive['k3']:.2e}  max |Δ| {naive['max_abs_delta']:.2e}"
+    )
+    print(f"recommended ρ = {result.recommendation['rho']:.3g}: {result.recommendation['reason']}")
+    print(f"wrote {out / 'diagnosis.json'} and {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``workbench`` command."""
     parser = argparse.ArgumentParser(
@@ -260,6 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="the QUICK version (about a minute)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "diagnose",
+        help="measure the mismatch of a model + engine pair before training (diagnosis.json + report.html)",
+    )
+    p.add_argument(
+        "--model", required=True, help="a shipped policy name or a local Hugging Face model directory"
+    )
+    p.add_argument("--engine", default="torch", help="torch (anywhere) or vllm (needs vLLM installed)")
+    p.add_argument("--engine-dtype", default="bf16", help="fp32, bf16 or fp16 (default bf16)")
+    p.add_argument("--perturbation", help="emulated logit error for --engine torch, e.g. gaussian:0.3")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompts", help="a JSONL file of prompts ({'prompt': …, 'answer': …} per line)")
+    source.add_argument("--task", help="a registered task to draw prompts from (default: the policy's own)")
+    p.add_argument("--samples", type=int, default=256, help="responses to sample (default 256)")
+    p.add_argument("--k", type=int, default=4, help="responses per prompt (default 4)")
+    p.add_argument(
+        "--batch-prompts", type=int, default=16, help="prompts per engine call (memory; default 16)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response cap T (default: the task's)")
+    p.add_argument(
+        "--rhos", type=_parse_rhos, default=None, help="comma-separated ρ sweep (default 1e-2 … 1e-16)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory for diagnosis.json and report.html")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
+    p.set_defaults(func=cmd_diagnose)
     return parser
 
 
