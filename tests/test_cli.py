@@ -42,6 +42,7 @@ FIELD_CASES: dict[str, tuple[str, object, tuple[str, ...]]] = {
     "clip_eps": ("0.3", 0.3, ()),
     "agg": ("seq_mean", "seq_mean", ()),
     "train_dtype": ("bf16", "bf16", ()),
+    "device": ("cuda", "cuda", ()),
     "engine": ("vllm", "vllm", ()),
     "engine_dtype": ("fp16", "fp16", ()),
     "perturbation": ("gaussian:0.3", "gaussian:0.3", ()),

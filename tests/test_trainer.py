@@ -50,6 +50,7 @@ def _strip_perf(rows: list[dict[str, float]]) -> list[dict[str, float | None]]:
         ("engine_dtype", "fp8", "engine_dtype"),
         ("lr_schedule", "step", "lr_schedule"),
         ("perturbation", "wobble:3", "wobble"),
+        ("device", "gpu", "a torch device string"),
     ],
 )
 def test_config_rejects_bad_values_with_a_fix(field: str, value: object, needle: str) -> None:
@@ -179,6 +180,17 @@ def test_fp32_engine_matches_trainer_and_bf16_does_not() -> None:
     assert abs(same["mismatch/k1"]) < 1e-5 and same["mismatch/max_abs_delta"] < 1e-4
     low = RLOOTrainer(RLOOConfig(**{**PROBE, "engine_dtype": "bf16"})).step()
     assert low["mismatch/max_abs_delta"] > 1e-4
+
+
+@pytest.mark.gpu
+def test_steps_run_on_cuda_with_every_metric_and_the_engine_on_the_same_device() -> None:
+    trainer = RLOOTrainer(RLOOConfig(**PROBE, device="cuda"))
+    assert next(trainer.model.parameters()).is_cuda and trainer.engine.device.type == "cuda"
+    for _ in range(2):
+        m = trainer.step()
+        assert set(m) == set(all_metric_docs())
+        assert all(math.isfinite(v) for k, v in m.items() if k not in NAN_WHEN_EMPTY), m
+        assert m["mismatch/max_abs_delta"] < 1e-3  # fp32 engine on the trainer's weights, after the sync
 
 
 def test_all_rejected_batch_gives_zero_update_not_nan() -> None:

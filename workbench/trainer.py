@@ -122,6 +122,9 @@ class RLOOConfig:
     """Loss aggregation: ``token_mean`` or ``seq_mean``."""
     train_dtype: str = "fp32"
     """Trainer precision: ``fp32`` | ``bf16``."""
+    device: str = "cpu"
+    """Where the trainer's model lives: ``cpu``, ``cuda``, ``cuda:1`` … (a ``torch.device`` string); the
+    ``torch`` engine's copy of the model follows it."""
     engine: str = "torch"
     """Rollout engine: ``torch`` (CPU/GPU, emulated mismatch) or ``vllm`` (GPU only)."""
     engine_dtype: str = "bf16"
@@ -199,6 +202,10 @@ class RLOOConfig:
             raise bad("agg", self.agg, "'token_mean' or 'seq_mean'", "")
         if self.train_dtype not in ("fp32", "bf16"):
             raise bad("train_dtype", self.train_dtype, "'fp32' or 'bf16'", "")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise bad("device", self.device, "a torch device string", "Use 'cpu' or 'cuda'.") from None
         if self.engine_dtype not in _DTYPES:
             raise bad("engine_dtype", self.engine_dtype, str(tuple(_DTYPES)), "")
         if self.engine not in ("torch", "vllm"):
@@ -431,7 +438,7 @@ class RLOOTrainer:
             )
         elif tokenizer is None:
             raise ValueError("tokenizer=None: pass the tokenizer that belongs to the model you passed")
-        self.model = model.to(_DTYPES[config.train_dtype])
+        self.model = model.to(device=config.device, dtype=_DTYPES[config.train_dtype])
         self.model.train()
         self.tokenizer = tokenizer
         self.task = tasks.make_task(config.task, **dict(config.task_kwargs))
@@ -520,7 +527,7 @@ class RLOOTrainer:
             stats = dvp.token_stats(
                 logits, tokens, cfg.rho, chunk_size=cfg.chunk_size, temperature=cfg.temperature
             )
-            return stats, torch.full(tokens.shape, math.log(cfg.rho))
+            return stats, torch.full(tokens.shape, math.log(cfg.rho), device=tokens.device)
         with torch.no_grad():
             z = logits.detach().float() / cfg.temperature  # (N, T, V)
             keep, log_rho = entropy_scaled_safe_mask(z, math.log(cfg.rho), cfg.rho_entropy_scale)
@@ -551,6 +558,7 @@ class RLOOTrainer:
         rewards = torch.tensor(
             [self.task.reward(problems[int(i)], t) for i, t in zip(rollout.prompt_index, texts)],
             dtype=torch.float32,
+            device=rollout.tokens.device,
         )  # (N,)
 
         t1 = time.perf_counter()
