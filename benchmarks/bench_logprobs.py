@@ -1,6 +1,6 @@
 """Token log-probs at LLM vocabulary sizes: DVP's fused chunked pass vs the naive masked version vs TRL.
 
-Three ways to get per-token log-probs from ``[rows, V]`` logits (shaped ``[rows / seq, seq, V]`` as a
+Four ways to get per-token log-probs from ``[rows, V]`` logits (shaped ``[rows / seq, seq, V]`` as a
 trainer sees them), forward only:
 
 - ``dvp``: :func:`workbench.dvp.token_logprobs` with ``ρ`` (default ``e^-13``): ``log π^mp``, chunked over
@@ -8,6 +8,8 @@ trainer sees them), forward only:
 - ``naive``: the textbook masked version, ``log_softmax(z.masked_fill(~keep, fill)).gather(tokens)`` with
   ``keep = z ≥ max z + log ρ`` (fp32 accumulation, like DVP): same numbers on kept tokens, built from
   full ``[rows, V]`` tensors.
+- ``unmasked``: :func:`workbench.dvp.token_logprobs_reference` with ``ρ = None``, i.e.
+  ``log_softmax(z).gather(tokens)`` in fp32: the unmasked reference, needing nothing beyond torch.
 - ``trl``: TRL's ``selective_log_softmax`` (``trl.trainer.utils``), the *unmasked* log-softmax that TRL's
   trainers use: the speed bar a masked version should meet (it loops over the leading dimension).
 
@@ -16,7 +18,9 @@ burst of load from other jobs on a shared machine hits all three alike. On an ov
 ``--threads 1`` gives steadier numbers: every multi-threaded op then waits for a descheduled partner
 thread, which penalises pipelines of several ops (DVP, naive) more than single fused kernels. Peak memory: the peak of live
 torch CPU allocations made inside the call, replayed from ``torch.profiler``'s ``profile_memory`` alloc/free
-events (which see every tensor the CPU allocator hands out; the input logits are not counted). The table
+events (which see every tensor the CPU allocator hands out; the input logits are not counted); with
+``--device cuda`` the inputs are moved to the GPU, every timed call ends with a ``torch.cuda.synchronize``
+and the peak is the CUDA allocator's (:func:`workbench.memory.peak_bytes`). The table
 shows each method's time relative to TRL and memory relative to ``naive``; a final line checks the
 targets at the largest vocabulary (DVP time ≤ 1.0× TRL, DVP peak memory ≤ 0.5× naive).
 
@@ -34,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from workbench.dvp import DEFAULT_RHO, MASK_MARGIN, safe_set_size, token_logprobs
+from workbench.dvp import DEFAULT_RHO, MASK_MARGIN, safe_set_size, token_logprobs, token_logprobs_reference
 from workbench.memory import peak_bytes
 
 try:
@@ -94,11 +98,32 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict
     return times
 
 
-def run_case(rows: int, seq: int, vocab: int, dtype_name: str, rho: float, repeats: int) -> list[dict]:
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by ``torch.cuda.synchronize`` on a CUDA device, else ``fn`` itself.
+
+    CUDA kernels run asynchronously: without the synchronize a timer measures only their launch.
+    """
+    if device.type != "cuda":
+        return fn
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def run_case(
+    rows: int, seq: int, vocab: int, dtype_name: str, rho: float, repeats: int, device: str = "cpu"
+) -> list[dict]:
+    dev = torch.device(device)
     logits, tokens = make_inputs(rows, seq, vocab, DTYPES[dtype_name], seed=vocab)
+    logits, tokens = logits.to(dev), tokens.to(dev)
     fns: dict[str, Callable[[], object]] = {
         "dvp": lambda: token_logprobs(logits, tokens, rho),
         "naive": lambda: naive_masked(logits, tokens, rho),
+        "unmasked": lambda: token_logprobs_reference(logits, tokens, None),
     }
     if selective_log_softmax is not None:
         fns["trl"] = lambda: selective_log_softmax(logits, tokens)
@@ -107,6 +132,9 @@ def run_case(rows: int, seq: int, vocab: int, dtype_name: str, rho: float, repea
     dvp_v, naive_v = token_logprobs(logits, tokens, rho), naive_masked(logits, tokens, rho)
     kept = dvp_v > -MASK_MARGIN / 2
     diff_naive = float((dvp_v - naive_v)[kept].abs().max()) if bool(kept.any()) else 0.0
+    diff_unmasked = float(
+        (token_logprobs(logits, tokens, None) - token_logprobs_reference(logits, tokens)).abs().max()
+    )
     diff_trl = math.nan
     if selective_log_softmax is not None:
         ref = selective_log_softmax(logits, tokens).float()
@@ -114,7 +142,7 @@ def run_case(rows: int, seq: int, vocab: int, dtype_name: str, rho: float, repea
     del dvp_v, naive_v
     kept_frac = float(safe_set_size(logits, rho).double().mean()) / vocab
 
-    times = time_interleaved(fns, repeats)
+    times = time_interleaved({name: synced(fn, dev) for name, fn in fns.items()}, repeats)
     out = []
     for name, fn in fns.items():
         out.append(
@@ -124,10 +152,11 @@ def run_case(rows: int, seq: int, vocab: int, dtype_name: str, rho: float, repea
                 "method": name,
                 "median_s": statistics.median(times[name]),
                 "best_s": min(times[name]),
-                "peak_mib": peak_bytes(fn) / 2**20,
+                "peak_mib": peak_bytes(fn, dev) / 2**20,
                 "pruned_frac": float((~kept).float().mean()),
                 "kept_frac": kept_frac,
                 "diff_naive": diff_naive,
+                "diff_unmasked": diff_unmasked,
                 "diff_trl": diff_trl,
             }
         )
@@ -145,6 +174,7 @@ def main() -> None:
     )
     ap.add_argument("--rho", type=float, default=DEFAULT_RHO, help="min-p threshold (default e^-13)")
     ap.add_argument("--quick", action="store_true", help="512 rows, 3 repeats: under 3 minutes")
+    ap.add_argument("--device", default="cpu", help="where the logits live: cpu (default) or cuda")
     ap.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
@@ -161,10 +191,10 @@ def main() -> None:
 
     print(
         f"token log-probs, forward: {rows} rows as [{rows // seq}, {seq}, V], rho={args.rho:.3g}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats={repeats}"
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, repeats={repeats}"
     )
     header = (
-        f"{'V':>7} {'dtype':>5} {'method':>6} {'median ms':>10} {'best ms':>9} {'peak MiB':>9} "
+        f"{'V':>7} {'dtype':>5} {'method':>8} {'median ms':>10} {'best ms':>9} {'peak MiB':>9} "
         f"{'time/trl':>9} {'mem/naive':>9}"
     )
     print(header)
@@ -172,19 +202,20 @@ def main() -> None:
     results = []
     for vocab in args.vocab:
         for dtype_name in args.dtypes:
-            case = run_case(rows, seq, vocab, dtype_name, args.rho, repeats)
+            case = run_case(rows, seq, vocab, dtype_name, args.rho, repeats, args.device)
             base_t = {r["method"]: r["median_s"] for r in case}
             base_m = {r["method"]: r["peak_mib"] for r in case}
             for r in case:
                 t_ratio = r["median_s"] / base_t["trl"] if "trl" in base_t else math.nan
                 m_ratio = r["peak_mib"] / base_m["naive"]
                 print(
-                    f"{vocab:>7} {dtype_name:>5} {r['method']:>6} {1e3 * r['median_s']:>10.1f} "
+                    f"{vocab:>7} {dtype_name:>5} {r['method']:>8} {1e3 * r['median_s']:>10.1f} "
                     f"{1e3 * r['best_s']:>9.1f} {r['peak_mib']:>9.1f} {t_ratio:>9.2f} {m_ratio:>9.3f}"
                 )
             r0 = case[0]
             print(
                 f"{'':>7} {'':>5} check: max|dvp − naive| on kept tokens {r0['diff_naive']:.2e}, "
+                f"max|dvp(ρ=None) − unmasked| {r0['diff_unmasked']:.2e}, "
                 f"max|dvp(ρ=None) − trl| {r0['diff_trl']:.2e}, |V_S|/V {r0['kept_frac']:.2%}, "
                 f"sampled tokens pruned {r0['pruned_frac']:.2%}"
             )
