@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -443,7 +444,8 @@ def test_rollout_checks_its_shapes() -> None:
         Rollout(**{**ok, "mask": torch.ones(2, 2)})
 
 
-def test_rollout_benchmark_worker_runs_on_a_tiny_budget() -> None:
+def _bench_rollout() -> types.ModuleType:
+    """benchmarks/bench_rollout.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
@@ -451,6 +453,11 @@ def test_rollout_benchmark_worker_runs_on_a_tiny_budget() -> None:
     spec = importlib.util.spec_from_file_location("bench_rollout", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_rollout_benchmark_worker_runs_on_a_tiny_budget() -> None:
+    bench = _bench_rollout()
     cfg = dict(
         bench.QUICK, batch=4, prompt_len=3, new_tokens=5, vocab=128, hidden=32, layers=1, inter=64, repeats=1
     )
@@ -465,13 +472,7 @@ def test_rollout_benchmark_worker_runs_on_a_tiny_budget() -> None:
 
 @pytest.mark.vllm
 def test_rollout_benchmark_times_real_vllm_on_the_same_batch() -> None:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_rollout()
     cfg = dict(
         bench.QUICK, batch=4, prompt_len=3, new_tokens=5, vocab=128, hidden=64, heads=2, layers=1, inter=64
     )
