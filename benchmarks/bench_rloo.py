@@ -1,8 +1,8 @@
 """RLOO step speed: ``workbench.trainer.RLOOTrainer`` vs TRL's ``RLOOTrainer``, same model, task and batch.
 
-Both sides train the shipped ``add2`` policy (Qwen2, 0.37 M parameters, vocab 4,096) on 2-digit additions,
-16 prompts × K = 4 samples = 64 sequences per optimizer step, responses of at most 4 tokens (the task's
-``max_new_tokens``), fp32, temperature 1, in this one process, one side after the other:
+Both sides train the shipped ``add2`` policy (Llama with 32-wide heads, 0.40 M parameters, vocab 4,096) on
+2-digit additions, 16 prompts × K = 4 samples = 64 sequences per optimizer step, responses of at most 4 tokens
+(the task's ``max_new_tokens``), fp32, temperature 1, in this one process, one side after the other:
 
 - **ours**: ``RLOOTrainer(RLOOConfig(model="add2", task="addition", k=4, prompts_per_step=16,
   engine_dtype="fp32", rho=e^-13, is_mode="token_mis"))``; a step is rollout (TorchEngine, KV cache,

@@ -76,7 +76,7 @@ class PolicyNotFoundError(FileNotFoundError, ValueError):
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """Shape of a tiny causal LM (defaults: ≈ 0.35 M parameters, most of them the tied embedding).
+    """Shape of a tiny causal LM (defaults: ≈ 0.37 M parameters, most of them the tied embedding).
 
     The defaults (two 32-wide heads) are a shape vLLM's CPU attention serves (head widths 32, 64, ...).
 
