@@ -18,6 +18,11 @@ Both sides train the shipped ``add2`` policy (Llama with 32-wide heads, 0.40 M p
   reward function that scores with the task. Timed with a ``TrainerCallback`` (``on_step_begin`` →
   ``on_step_end``) over ``trainer.train()``, the first (warm-up) step dropped.
 
+- **ours with vLLM** (when real vLLM can run here; ``--no-vllm`` leaves it out): the same trainer and config
+  with ``engine="vllm"`` — rollouts from vLLM (the CPU build ``make`` installs) at fp32 and the weights pushed
+  into it in place after every step; vLLM's start-up happens before the warm-up step and is not timed.
+  ``vllm_ratio`` = its tokens/s over ours with ``TorchEngine``.
+
 Fairness settings for TRL (its defaults differ from ours): ``beta=0`` (no KL term, no reference model —
 ours has none), ``activation_checkpointing=False`` (ours does not recompute), ``bf16=False``, the same
 ``learning_rate``, ``max_grad_norm=1``, ``optim="adamw_torch"`` (ours: ``torch.optim.AdamW``), constant
