@@ -103,10 +103,15 @@ def _check_servable(config: Any, on_cpu: bool) -> None:
             "convert it with workbench.models.widen_heads(model), which gives an equivalent Llama model"
         )
     if on_cpu and head_dim not in CPU_HEAD_DIMS:
+        wider = min((d for d in CPU_HEAD_DIMS if d % head_dim == 0), default=None)
+        fix = (
+            f"use workbench.models.widen_heads(model, {wider}) (an exactly equivalent model), or "
+            if wider
+            else ""
+        )
         raise ValueError(
             f"head_dim={head_dim} is not served by vLLM's CPU attention (allowed: {CPU_HEAD_DIMS}); "
-            f"use workbench.models.widen_heads(model, {min((d for d in CPU_HEAD_DIMS if d % head_dim == 0), default=head_dim)}) "
-            "(an exactly equivalent model), or build it with hidden_size / num_heads in that list"
+            f"{fix}build the model with hidden_size / num_heads in that list"
         )
 
 
