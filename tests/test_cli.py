@@ -34,6 +34,8 @@ FIELD_CASES: dict[str, tuple[str, object, tuple[str, ...]]] = {
     "is_lo": ("0.5", 0.5, ()),
     "is_hi": ("3", 3.0, ()),
     "veto": ("1e-3", 1e-3, ()),
+    "trust_region": ("0.5", 0.5, ()),
+    "trust_region_div": ("k2", "k2", ()),
     "drop_boundary_tokens": ("false", False, ()),
     "rho_entropy_scale": ("0.5", 0.5, ()),
     "advantage": ("grpo", "grpo", ()),
@@ -62,6 +64,7 @@ OPTIONAL_FIELDS = [
     "is_lo",
     "is_hi",
     "veto",
+    "trust_region",
     "perturbation",
 ]
 
