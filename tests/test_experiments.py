@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from workbench.experiments import collapse, presets
 from workbench.experiments.collapse import CollapseCriterion, classify, rolling_mean
 from workbench.experiments.demo import DemoReport, format_table
-from workbench.experiments.runner import ArmResults, RunResult, load_results
+from workbench.experiments.demo import findings as demo_findings
+from workbench.experiments.runner import ArmResults, RunResult, load_results, rejudge
 from workbench.experiments.signature import LogitRecorder, envelope_stats, envelope_terms
 
 
@@ -100,9 +101,8 @@ def test_a_run_shorter_than_min_steps_is_too_short_to_judge() -> None:
             for key in ("reward/mean", "eval/reward"):
                 v = CollapseCriterion(reward_key=key).classify(rows, reference)
                 assert v.label == collapse.TOO_SHORT == "too short" and not v.collapsed and not v.degraded
-                assert v.reasons == (
-                    f"{len(rows)} steps: the criterion judges runs of >= {n} steps (CollapseCriterion.min_steps)",
-                )
+                why = f"{len(rows)} steps: the criterion judges runs of >= {n} steps"
+                assert v.reasons == (why + " (CollapseCriterion.min_steps)",)
     v = classify(COLLAPSING[-4:])
     assert v.start == pytest.approx(0.1) and v.k3_spike == pytest.approx(1.0)  # the numbers are still there
     # min_steps alone withholds the verdict: allowed to judge, the same four steps are "stable".
@@ -206,7 +206,54 @@ def test_demo_table_has_one_line_per_run(tmp_path) -> None:
     assert len(lines) == 2 + len(res.runs)
     assert "reward first→last" in lines[0] and "collapse" in table and "0.500 → 0.200" in table
     report = DemoReport(res, tmp_path / "r.html", tmp_path / "results.json")
-    assert "naive: 2 collapse" in report.summary()
+    assert report.summary().startswith(
+        "scenario 'floor' (engine bf16 + floor:13.5), 40 steps, seeds [0, 1] (QUICK)"
+    )
+    assert "- seed 1: verdict of the collapse criterion" in report.summary()
+
+
+def _demo_results(steps: int) -> ArmResults:
+    """A one-seed demo whose numbers are round: clean eval naive 0.90 → 0.75, DVP + MIS 0.88 → 0.93."""
+    res = ArmResults("floor12", ["naive", "dvp_mis"], [0], steps=steps, quick=True)
+    late = steps - max(1, steps // 4)  # the last quarter, which eval_final and k1_final average
+    for arm, (ev0, ev1), (k1_0, k1_1), dropped in (
+        ("naive", (0.9, 0.75), (0.1, 0.3), 0.0),
+        ("dvp_mis", (0.88, 0.93), (0.0, 0.0), 2.0),
+    ):
+        rows = _rows([0.7] * steps)
+        for i, row in enumerate(rows):
+            row["eval/reward"] = ev1 if i >= late else ev0
+            row["mismatch/k1"] = k1_1 if i >= steps // 2 else k1_0
+            row["mismatch/tail_tokens"], row["dvp/boundary_tokens"] = 2.0, dropped
+        res.runs.append(RunResult("floor12", arm, 0, {}, rows, 1.0))
+    rejudge(res)
+    return res
+
+
+def test_demo_findings_state_the_measured_differences_in_words(tmp_path) -> None:
+    findings = demo_findings(_demo_results(40))
+    assert findings == [
+        "clean-engine eval reward (the policy itself, sampled by an fp32 engine without the perturbation), "
+        "first measurement → mean of the last quarter: naive RLOO 0.900 → 0.750 (-0.150); "
+        "DVP + MIS 0.880 → 0.930 (+0.050). naive RLOO ends 0.180 below DVP + MIS.",
+        "sampled reward (what the perturbed engine's responses earned), first → last window: "
+        "naive RLOO 0.700 → 0.700; DVP + MIS 0.700 → 0.700.",
+        "mismatch k1 = mean(log μ − log π) over the sampled tokens (0: engine and trainer agree), "
+        "first → last quarter: naive RLOO 0.100 → 0.300; DVP + MIS 0.000 → 0.000.",
+        "tail draws (sampled tokens below e^-13 of the trainer's max): naive RLOO sampled 80, dropped 0 of "
+        "them from its loss; DVP + MIS sampled 80, dropped 80 of them from its loss.",
+        "verdict of the collapse criterion (workbench/experiments/collapse.py): on the clean-eval reward: "
+        "naive RLOO degraded, DVP + MIS stable; on the sampled reward: naive RLOO stable, DVP + MIS stable.",
+    ]
+    summary = DemoReport(_demo_results(40), tmp_path / "r.html", tmp_path / "results.json").summary()
+    assert summary.endswith("What the runs measured:\n" + "\n".join(f"- {f}" for f in findings))
+    # A run too short to judge says so in its verdict line; the measured numbers are still stated.
+    short = demo_findings(_demo_results(4))
+    assert short[:3] == findings[:3]  # the same per-step numbers (tail draws are totals: 4 steps, not 40)
+    assert short[-1].endswith(
+        "on the clean-eval reward: naive RLOO too short, DVP + MIS too short; "
+        "on the sampled reward: naive RLOO too short, DVP + MIS too short."
+    )
 
 
 # ------------------------------------------------------------------ probes (signature, overlap)
@@ -407,5 +454,9 @@ def test_run_demo_writes_results_and_a_report_led_by_the_clean_eval_reward(tmp_p
     assert load_results(report.results_json).arms == ["naive", "dvp_mis"]
     html = report.html.read_text()
     assert "clean-engine eval reward" in html and "tail draws per step" in html
+    # The report opens with the findings in words; two steps are too short for a verdict.
+    assert html.index("<h3>What the runs measured</h3>") < html.index("plotly")
+    assert "on the clean-eval reward: naive RLOO too short, DVP + MIS too short" in html
+    assert "What the runs measured:" in report.summary()
     with pytest.raises(ValueError, match="steps=1"):
         run_demo(steps=1, seed=0, out_dir=tmp_path, quick=True)

@@ -4,19 +4,102 @@
 the :data:`~workbench.experiments.presets.HEADLINE_ARMS` of the
 :data:`~workbench.experiments.presets.HEADLINE_SCENARIO` (tqdm bars), judges each run with the
 collapse criterion (:mod:`workbench.experiments.collapse`), writes ``results.json``/``summary.csv``
-and ``report.html`` into ``out_dir`` and returns a :class:`DemoReport`.
+and ``report.html`` into ``out_dir`` and returns a :class:`DemoReport`. The terminal summary and the
+report both lead with :func:`findings`: what the runs measured, in plain words, with the verdict as
+one line among them — a reader who has not met the criterion still sees what happened.
 """
 
 from __future__ import annotations
 
+import html
+import math
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from workbench.experiments.presets import HEADLINE_ARMS, HEADLINE_SCENARIO, SCENARIOS, run_length
 from workbench.experiments.runner import ArmResults, run_arms
 
-__all__ = ["DemoReport", "format_table", "run_demo"]
+__all__ = ["DemoReport", "findings", "format_table", "run_demo"]
+
+#: How the findings name the arms a reader meets in the demo (other arms keep their preset key).
+ARM_NAMES = {"naive": "naive RLOO", "dvp_mis": "DVP + MIS", "dvp": "DVP", "control": "control (no mismatch)"}
+
+Row = dict[str, Any]
+
+
+def _num(x: float, signed: bool = False) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _per_arm(runs: list[Row], cell: Callable[[Row], str], sep: str = "; ") -> str:
+    """``"naive RLOO <cell>; DVP + MIS <cell>"``: one quantity, every arm."""
+    return sep.join(f"{ARM_NAMES.get(r['arm'], r['arm'])} {cell(r)}" for r in runs)
+
+
+def _gaps(runs: list[Row], reference: str | None) -> str:
+    """Each arm's final clean-eval reward against the reference's (`` naive RLOO ends 0.076 below …``)."""
+    ref = next((r for r in runs if r["arm"] == reference), None)
+    if ref is None or not math.isfinite(ref["eval_final"]):
+        return ""
+    ref_name, ref_final = ARM_NAMES.get(ref["arm"], ref["arm"]), ref["eval_final"]
+    return "".join(
+        f" {ARM_NAMES.get(r['arm'], r['arm'])} ends {abs(r['eval_final'] - ref_final):.3f} "
+        f"{'below' if r['eval_final'] < ref_final else 'above'} {ref_name}."
+        for r in runs
+        if r is not ref and math.isfinite(r["eval_final"])
+    )
+
+
+def findings(results: ArmResults) -> list[str]:
+    """What the runs measured, in plain words: one line per quantity, every arm on each line.
+
+    Per seed: the clean-engine eval reward first → last (the policy itself, the demo's main result) and
+    each arm's gap to the reference arm; the sampled reward; the mismatch k1, first → last quarter; the
+    tail draws each arm sampled and how many it dropped from its loss; and, as one line among them, the
+    collapse criterion's verdicts (``too short`` below its ``min_steps``). The numbers are those of
+    :meth:`ArmResults.summary_rows`, as in :func:`format_table`.
+    """
+    lines = []
+    for seed in results.seeds:
+        runs = [r for r in results.summary_rows() if r["seed"] == seed]
+        prefix = f"seed {seed}: " if len(results.seeds) > 1 else ""
+        eval_change = _per_arm(
+            runs,
+            lambda r: (
+                f"{_num(r['eval_first'])} → {_num(r['eval_final'])} "
+                f"({_num(r['eval_final'] - r['eval_first'], signed=True)})"
+            ),
+        )
+        lines += [
+            f"{prefix}clean-engine eval reward (the policy itself, sampled by an fp32 engine without the "
+            f"perturbation), first measurement → mean of the last quarter: {eval_change}."
+            + _gaps(runs, results.reference),
+            f"{prefix}sampled reward (what the perturbed engine's responses earned), first → last window: "
+            + _per_arm(runs, lambda r: f"{_num(r['reward_start'])} → {_num(r['reward_final'])}")
+            + ".",
+            f"{prefix}mismatch k1 = mean(log μ − log π) over the sampled tokens (0: engine and trainer "
+            "agree), first → last quarter: "
+            + _per_arm(runs, lambda r: f"{_num(r['k1_first'])} → {_num(r['k1_final'])}")
+            + ".",
+            f"{prefix}tail draws (sampled tokens below e^-13 of the trainer's max): "
+            + _per_arm(
+                runs,
+                lambda r: (
+                    f"sampled {r['tail_draws']:.0f}, dropped {r['boundary_tokens']:.0f} of them from its loss"
+                ),
+            )
+            + ".",
+            f"{prefix}verdict of the collapse criterion (workbench/experiments/collapse.py): "
+            "on the clean-eval reward: "
+            + _per_arm(runs, lambda r: r["verdict_eval"] or "not measured", sep=", ")
+            + "; on the sampled reward: "
+            + _per_arm(runs, lambda r: r["verdict"], sep=", ")
+            + ".",
+        ]
+    return lines
 
 
 def format_table(results: ArmResults) -> str:
@@ -73,7 +156,7 @@ class DemoReport:
     """``results.json`` (data behind the report)."""
 
     def summary(self) -> str:
-        """The terminal table plus a one-line reading of the verdicts."""
+        """The terminal table, then :func:`findings`: what the runs measured, in plain words."""
         r = self.results
         scen = SCENARIOS[r.scenario]
         head = (
@@ -82,19 +165,8 @@ class DemoReport:
             f"seeds {r.seeds}{' (QUICK)' if r.quick else ''}"
         )
 
-        def line(which: str) -> str:
-            return "; ".join(
-                f"{arm}: " + ", ".join(f"{n} {label}" for label, n in c.items() if n)
-                for arm, c in r.counts(which).items()
-            )
-
         return "\n".join(
-            [
-                head,
-                format_table(r),
-                f"verdicts (sampled reward) — {line('verdict')}",
-                f"verdicts (clean-engine eval reward) — {line('verdict_eval')}",
-            ]
+            [head, format_table(r), "", "What the runs measured:", *(f"- {f}" for f in findings(r))]
         )
 
 
@@ -139,5 +211,10 @@ def run_demo(steps: int | None, seed: int, out_dir: Path, quick: bool) -> DemoRe
             + (" (QUICK)" if quick else "")
         ),
     )
-    html = viz.save_html(fig, out_dir / "report.html")
-    return DemoReport(results=results, html=Path(html), results_json=out_dir / "results.json")
+    items = "".join(f"<li>{html.escape(f)}</li>" for f in findings(results))
+    header = (
+        "<div style='font-family:sans-serif;max-width:70em'>"
+        f"<h3>What the runs measured</h3><ul>{items}</ul></div>"
+    )
+    page = viz.save_html(fig, out_dir / "report.html", header_html=header)
+    return DemoReport(results=results, html=Path(page), results_json=out_dir / "results.json")

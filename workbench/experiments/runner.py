@@ -247,6 +247,7 @@ class ArmResults:
                     "reward_final": v.get("final", math.nan),
                     "eval_first": _first_finite(r.series("eval/reward")),
                     "eval_final": _tail_mean(r.series("eval/reward")),
+                    "k1_first": _tail_mean(r.series("mismatch/k1")[::-1]),  # mean of the first quarter
                     "k1_final": _tail_mean(r.series("mismatch/k1")),
                     "k3_max": _nanmax(r.series("mismatch/k3")),
                     "grad_norm_max": _nanmax(r.series("optim/grad_norm")),

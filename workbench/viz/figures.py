@@ -458,9 +458,13 @@ def _atomic(path: str | os.PathLike[str], write: Any) -> Path:
     return target
 
 
-def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
-    """Write a self-contained HTML report atomically (temp file + rename)."""
-    return _atomic(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=True, full_html=True))
+def save_html(fig: go.Figure, path: str | os.PathLike[str], header_html: str = "") -> Path:
+    """Write a self-contained HTML report atomically (temp file + rename).
+
+    ``header_html`` (already escaped) goes at the top of the page, above the figure: a report's findings.
+    """
+    page = fig.to_html(include_plotlyjs=True, full_html=True).replace("<body>", "<body>" + header_html, 1)
+    return _atomic(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
 
 
 #: Static formats :func:`save_figure` writes through plotly's exporter (kaleido), besides ``.html``.
