@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workbench.tasks import check_answer, extract_boxed, final_answer, parse_value
-from workbench.tasks.answers import MAX_DEPTH, MAX_EXPONENT, MAX_EXPR_CHARS
+from workbench.tasks.answers import MAX_DEPTH, MAX_EXPONENT, MAX_EXPR_CHARS, MAX_RESPONSE_CHARS
 
 # --- values -----------------------------------------------------------------------------------
 
@@ -131,7 +131,8 @@ def test_extract_boxed_last_and_nested() -> None:
     assert extract_boxed("\\boxed{}") == ""
     assert extract_boxed("no box") is None
     assert extract_boxed("\\boxed{1") is None
-    assert extract_boxed("\\boxed{1}" + " " * 20_000) is None  # outside the scanned window
+    assert extract_boxed("\\boxed{1}" + " " * 20_000) == "1"
+    assert extract_boxed("\\boxed{1}" + " " * MAX_RESPONSE_CHARS) is None  # an over-long text has no answer
 
 
 @pytest.mark.parametrize(
@@ -224,6 +225,8 @@ HOSTILE = [
     "1," * 500_000,
     "=" * 1_000_000,
     "\\frac{" * 5_000 + "1",
+    "x" * 100_000 + "= 46",  # a buried answer: over-long texts are wrong, not read from their end
+    "junk " * 20_000 + "\\boxed{46}",
 ]
 
 
@@ -234,6 +237,33 @@ def test_hostile_text_is_wrong_and_fast(text: str) -> None:
     elapsed = time.perf_counter() - start
     assert result is False
     assert elapsed < 0.2, f"check_answer took {elapsed:.3f} s"
+
+
+# The length rule (answers.py module docstring): a response longer than MAX_RESPONSE_CHARS is wrong as a
+# whole, however right its ending; up to the limit the answer in the expected place counts.
+BURIED = [
+    "x" * 100_000 + "= 4",
+    "x" * 100_000 + "\\boxed{4}",
+    "1+1=2. " * 5_000 + "so x = 4",  # a long derivation is not exempt
+    "4" + " " * MAX_RESPONSE_CHARS,
+    ("= 4").rjust(MAX_RESPONSE_CHARS + 1, "x"),  # one character over
+]
+
+
+@pytest.mark.parametrize("text", BURIED, ids=[f"buried{i}" for i in range(len(BURIED))])
+def test_an_answer_after_more_than_the_length_limit_is_wrong(text: str) -> None:
+    assert len(text) > MAX_RESPONSE_CHARS
+    start = time.perf_counter()
+    assert final_answer(text) is None and extract_boxed(text) is None
+    assert check_answer(text, "4") is False
+    assert time.perf_counter() - start < 0.2
+
+
+def test_the_length_limit_is_inclusive_and_applies_to_the_reference() -> None:
+    at_limit = ("= 4").rjust(MAX_RESPONSE_CHARS, "x")
+    assert check_answer(at_limit, "4") is True and check_answer("x" + at_limit, "4") is False
+    assert check_answer("1+1=2. " * 500 + "so x = 4", "4") is True  # 3,508 characters of working
+    assert check_answer("4", "4".rjust(MAX_RESPONSE_CHARS + 1)) is False
 
 
 def test_hostile_reference_is_bounded_too() -> None:

@@ -12,7 +12,8 @@ r"""Verifiable tasks: prompts, exact rewards, ideal completions, and a safe answ
 - :mod:`~workbench.tasks.synthetic`: :class:`AdditionTask`, :class:`SortTask`, :class:`CountTask`,
   :class:`MultiAddTask`, :class:`ProbeTask`.
 - :mod:`~workbench.tasks.jsonl`: :class:`JsonlMathTask` for real math sets.
-- :mod:`~workbench.tasks.answers`: :func:`check_answer` (no ``eval``; bounded parser over fractions).
+- :mod:`~workbench.tasks.answers`: :func:`check_answer` (no ``eval``; bounded parser over fractions; a
+  response longer than ``MAX_RESPONSE_CHARS`` is wrong, never read from its end).
 """
 
 from __future__ import annotations

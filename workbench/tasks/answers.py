@@ -8,11 +8,20 @@ are exact :class:`fractions.Fraction` s computed by a small recursive-descent pa
 (:func:`parse_value`) — no ``eval``, no ``sympify`` of raw strings.
 
 Model output is hostile by default (a policy under RL optimises whatever the checker lets through),
-so every step is bounded: only the last :data:`MAX_SCAN_CHARS` characters are scanned, an expression
+so every step is bounded: a response longer than :data:`MAX_RESPONSE_CHARS` is wrong, an expression
 longer than :data:`MAX_EXPR_CHARS` or nested deeper than :data:`MAX_DEPTH` is rejected, exponents
 must be integers of size at most :data:`MAX_EXPONENT`, and no intermediate value may exceed
 :data:`MAX_BITS` bits. ``9^9^9^9``, ``__import__('os')``, megabyte strings and 10k-deep parentheses
 all come back ``False`` in microseconds to milliseconds.
+
+**The length rule.** An over-long response is wrong *as a whole*; the checker does not read the end of
+it. Reading only the tail would score 100,000 characters of junk ending in ``= 4`` as a correct ``4``,
+and a policy under RL would learn to bury its answer after whatever raises its odds. No generation
+budget in the workbench produces such a text: :data:`MAX_RESPONSE_CHARS` is the largest
+``max_new_tokens`` a task accepts (32,768), counted in characters as the char-level tokenizer emits
+them — about 8k tokens of a subword tokenizer (≈ 4 characters each); a task with a longer budget must
+raise it. Within the limit the stated answer is the one in the expected place (:func:`final_answer`):
+the last ``\boxed{}``, the whole text, the value after the last ``=``, or the last number.
 """
 
 from __future__ import annotations
@@ -21,8 +30,8 @@ import re
 from collections import deque
 from fractions import Fraction
 
-MAX_SCAN_CHARS = 10_000
-"""Only this many trailing characters of the text are searched for the answer."""
+MAX_RESPONSE_CHARS = 32_768
+"""Longest response (and reference) the checker reads; a longer one is wrong, never read from its end."""
 MAX_EXPR_CHARS = 128
 """Longest expression (after LaTeX normalisation) that :func:`parse_value` will parse."""
 MAX_DEPTH = 32
@@ -209,7 +218,7 @@ def parse_value(text: str) -> Fraction | None:
     >>> parse_value("\\frac{1}{2} + 1,000"), parse_value("9^9^9^9"), parse_value("__import__('os')")
     (Fraction(2001, 2), None, None)
     """
-    if not isinstance(text, str) or len(text) > MAX_SCAN_CHARS:
+    if not isinstance(text, str) or len(text) > MAX_RESPONSE_CHARS:
         return None
     expr = _normalise_expr(text)
     if not expr or len(expr) > MAX_EXPR_CHARS:
@@ -221,30 +230,31 @@ def parse_value(text: str) -> Fraction | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    r"""Content of the last ``\boxed{...}`` in the last :data:`MAX_SCAN_CHARS` characters of ``text``.
+    r"""Content of the last ``\boxed{...}`` in ``text``.
 
     Braces inside are matched (``\boxed{\frac{1}{2}}`` → ``\frac{1}{2}``). Returns ``None`` when there
-    is no ``\boxed{`` or the last one is never closed.
+    is no ``\boxed{``, the last one is never closed, or ``text`` is longer than :data:`MAX_RESPONSE_CHARS`.
 
     >>> extract_boxed(r"so \boxed{1} or rather \boxed{\frac{1}{2}}.")
     '\\frac{1}{2}'
     >>> extract_boxed(r"\boxed{12") is None
     True
     """
-    window = text[-MAX_SCAN_CHARS:]
-    start = window.rfind("\\boxed{")
+    if len(text) > MAX_RESPONSE_CHARS:
+        return None
+    start = text.rfind("\\boxed{")
     if start < 0:
         return None
     begin = start + len("\\boxed{")
     depth = 1
-    for i in range(begin, len(window)):
-        ch = window[i]
+    for i in range(begin, len(text)):
+        ch = text[i]
         if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return window[begin:i]
+                return text[begin:i]
     return None
 
 
@@ -253,21 +263,23 @@ def final_answer(text: str) -> str | None:
 
     In order of priority: the last ``\boxed{...}`` (if ``\boxed`` occurs at all, nothing else counts —
     an unclosed box means no answer); the whole text if it is a value (so ``"3+4"`` means 7, not 4);
-    the text after the last ``=`` if that is a value; else the last number.
+    the text after the last ``=`` if that is a value; else the last number. A text longer than
+    :data:`MAX_RESPONSE_CHARS` states no answer (``None``), whatever it ends with.
 
     >>> final_answer("12+34=46"), final_answer("The answer is -3/4."), final_answer("3+4")
     ('46', '-3/4', '3+4')
     """
-    window = text[-MAX_SCAN_CHARS:]
-    if "\\boxed" in window:
-        return extract_boxed(window)
-    stripped = window.strip().rstrip(".")
+    if len(text) > MAX_RESPONSE_CHARS:
+        return None
+    if "\\boxed" in text:
+        return extract_boxed(text)
+    stripped = text.strip().rstrip(".")
     if parse_value(stripped) is not None:
         return stripped
     after_eq = stripped.rpartition("=")[2].strip()
     if "=" in stripped and parse_value(after_eq) is not None:
         return after_eq
-    last = deque(_LAST_NUMBER_RE.finditer(window), maxlen=1)  # keeps only the last match
+    last = deque(_LAST_NUMBER_RE.finditer(text), maxlen=1)  # keeps only the last match
     if last:
         return last[0].group()
     return stripped if stripped else None
@@ -284,10 +296,11 @@ def check_answer(text: str, answer: str) -> bool:
     (:func:`parse_value`) they are compared exactly as fractions (``0.75 == 3/4 == 6/8``, but
     ``0.333 != 1/3``); otherwise the two strings are compared after dropping whitespace, ``$`` and a
     trailing period. A reference written as ``\boxed{...}`` is unboxed first. Never raises: anything
-    malformed, oversized or hostile is simply wrong.
+    malformed, oversized or hostile is simply wrong — a text or reference longer than
+    :data:`MAX_RESPONSE_CHARS` included, however it ends (see "The length rule" in the module docstring).
 
     Args:
-        text: decoded model output (only the last :data:`MAX_SCAN_CHARS` characters are read).
+        text: decoded model output.
         answer: the reference answer.
 
     Returns:
@@ -297,13 +310,14 @@ def check_answer(text: str, answer: str) -> bool:
     True
     >>> check_answer("12+34=46", "46"), check_answer("3+4", "4"), check_answer("9**9**9**9", "1")
     (True, False, False)
+    >>> derivation = "1+1=2. "  # 7 characters of working
+    >>> check_answer(derivation * 500 + "so x = 4", "4"), check_answer(derivation * 5_000 + "so x = 4", "4")
+    (True, False)
     """
     try:
-        if not isinstance(text, str) or not isinstance(answer, str):
+        if not isinstance(text, str) or not isinstance(answer, str) or len(answer) > MAX_RESPONSE_CHARS:
             return False
-        ref = answer[-MAX_SCAN_CHARS:]
-        if "\\boxed" in ref:
-            ref = extract_boxed(ref) or ""
+        ref = (extract_boxed(answer) or "") if "\\boxed" in answer else answer
         ref = ref.strip()
         stated = final_answer(text)
         if stated is None or not ref:

@@ -78,7 +78,9 @@ class JsonlMathTask:
     r"""A fixed set of math problems from a JSONL file, rewarded by :func:`check_answer`.
 
     Reward 1.0 iff the text before eos states the reference answer (``\boxed{..}``, a fraction, a
-    decimal or a simple expression with the same exact value; see :func:`check_answer`), else 0.0.
+    decimal or a simple expression with the same exact value; see :func:`check_answer`), else 0.0. A text
+    longer than :data:`~workbench.tasks.answers.MAX_RESPONSE_CHARS` scores 0.0 however it ends, so a
+    policy cannot bury an answer after junk (raise the limit for budgets above ~8k subword tokens).
     The SFT completion is the record's ``solution`` when given, else the answer itself.
 
     Args:
