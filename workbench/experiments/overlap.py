@@ -9,6 +9,11 @@ DVP's engine does), records the engine's processed logits at every step, and rep
 - the reverse view ``|V_S ∩ V'_S| / |V'_S|`` (tokens the engine may sample that the trainer prunes);
 - the boundary-token rate: sampled tokens outside the trainer's safe set
   (:func:`workbench.metrics.boundary_tokens`) — these are what DVP + MIS must mask.
+
+With real vLLM as the engine only the sampled tokens' log-probs come back, not its logits: the engine's
+safe set is unobserved, so the overlap fields and ``safe_size_engine`` are NaN. The boundary-token count
+is still exact — vLLM samples with min-p at the same ρ, so every sampled token is inside its own safe set,
+and one outside the trainer's is a boundary token.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from workbench import dvp, metrics
 from workbench.experiments.runner import json_clean
-from workbench.experiments.signature import probe_batches
+from workbench.experiments.signature import engine_label, probe_batches
 
 __all__ = ["Overlap", "measure_overlap"]
 
@@ -31,11 +36,13 @@ class Overlap:
     """Check 2 for one engine setting."""
 
     engine: str
+    """Which engine produced it (:func:`~workbench.experiments.signature.engine_label`)."""
     rho: float
     n_trajectories: int
     n_positions: int
     overlap_mean: float
-    """Mean of ``|V_S ∩ V'_S| / |V_S|`` over valid positions (trainer-side view)."""
+    """Mean of ``|V_S ∩ V'_S| / |V_S|`` over valid positions (trainer-side view); NaN, like every field
+    that needs the engine's safe set, for an engine whose logits are not recorded (vLLM)."""
     overlap_min: float
     frac_exact: float
     """Fraction of positions where the two safe sets agree on every trainer-safe token."""
@@ -58,9 +65,10 @@ def measure_overlap(
     tokenizer: Any,
     task: Any,
     *,
+    engine: str | Any = "torch",
     engine_dtype: str = "bf16",
     perturbation: str | None = None,
-    rho: float = math.exp(-13),
+    rho: float = dvp.DEFAULT_RHO,
     n_trajectories: int = 1024,
     seed: int = 0,
     temperature: float = 1.0,
@@ -70,6 +78,8 @@ def measure_overlap(
 
     Args:
         model, tokenizer, task: the policy and its task.
+        engine: ``"torch"``, ``"vllm"`` or a built engine
+            (:func:`~workbench.experiments.signature.probe_batches`).
         engine_dtype, perturbation: the engine setting.
         rho: the min-p threshold of both sides.
         n_trajectories: responses sampled (≥ 1,000 for the paper's check).
@@ -86,6 +96,7 @@ def measure_overlap(
         model,
         tokenizer,
         task,
+        engine=engine,
         engine_dtype=engine_dtype,
         perturbation=perturbation,
         rho=rho,
@@ -96,25 +107,33 @@ def measure_overlap(
     ):
         r, zt, ze = batch.rollout, batch.logits_train, batch.logits_engine
         mask = r.mask
-        fwd.append(metrics.safe_set_overlap(zt, ze, rho, mask=mask)[mask])
-        rev.append(metrics.safe_set_overlap(ze, zt, rho, mask=mask)[mask])
         n_boundary += int(metrics.boundary_tokens(zt, r.tokens, rho, mask=mask).sum())
         n_pos += int(mask.sum())
         n_traj += r.tokens.shape[0]
         size_t.append(dvp.safe_set_size(zt, rho)[mask].double())
-        size_e.append(dvp.safe_set_size(ze, rho)[mask].double())
-    f, b = torch.cat(fwd).double(), torch.cat(rev).double()
+        if ze is not None:
+            fwd.append(metrics.safe_set_overlap(zt, ze, rho, mask=mask)[mask])
+            rev.append(metrics.safe_set_overlap(ze, zt, rho, mask=mask)[mask])
+            size_e.append(dvp.safe_set_size(ze, rho)[mask].double())
+    engine_side = dict.fromkeys(
+        ("overlap_mean", "overlap_min", "frac_exact", "reverse_mean", "safe_size_engine"), math.nan
+    )
+    if fwd:
+        f, b = torch.cat(fwd).double(), torch.cat(rev).double()
+        engine_side = {
+            "overlap_mean": float(f.mean()),
+            "overlap_min": float(f.min()),
+            "frac_exact": float((f == 1).double().mean()),
+            "reverse_mean": float(b.mean()),
+            "safe_size_engine": float(torch.cat(size_e).mean()),
+        }
     return Overlap(
-        engine=f"{engine_dtype} + {perturbation or 'none'}",
+        engine=engine_label(engine, engine_dtype, perturbation),
         rho=rho,
         n_trajectories=n_traj,
         n_positions=n_pos,
-        overlap_mean=float(f.mean()),
-        overlap_min=float(f.min()),
-        frac_exact=float((f == 1).double().mean()),
-        reverse_mean=float(b.mean()),
         boundary_tokens=n_boundary,
         boundary_rate=n_boundary / max(1, n_pos),
         safe_size_trainer=float(torch.cat(size_t).mean()),
-        safe_size_engine=float(torch.cat(size_e).mean()),
+        **engine_side,
     )

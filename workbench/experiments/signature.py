@@ -16,6 +16,12 @@ perturbation). From those it computes:
 
 Safe-set overlap and the boundary-token rate (check 2) use the same recorded logits:
 :mod:`workbench.experiments.overlap`.
+
+The engine is either the emulating :class:`~workbench.engines.TorchEngine` (its logits are recorded, so
+every quantity above is measured) or real vLLM (:class:`~workbench.engines.VLLMEngine`), which reports only
+the sampled tokens' log-probs: Δ, its bins, the positive mode, k1 and k3 are measured the same way; the
+envelope (it needs the engine's logit error δ) is left empty. :func:`engine_label` names which engine
+produced a measurement, for figure legends and titles.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "LogitRecorder",
     "ProbeBatch",
     "Signature",
+    "engine_label",
     "envelope_stats",
     "envelope_terms",
     "measure_signature",
@@ -82,6 +89,42 @@ class LogitRecorder:
         self.steps = []
 
 
+def engine_label(
+    engine: str | Any = "torch", engine_dtype: str = "bf16", perturbation: str | None = None
+) -> str:
+    """Name the engine that produced a measurement: real vLLM (and its build) or the emulating TorchEngine.
+
+    Figures put this in their legends and titles so that an emulated mismatch is never read as a real one.
+
+    Args:
+        engine: ``"torch"``, ``"vllm"`` or a built :class:`~workbench.engines.TorchEngine` /
+            :class:`~workbench.engines.VLLMEngine` (then its own dtype, perturbation and platform are named
+            and the other arguments are ignored).
+        engine_dtype: engine precision (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        perturbation: the TorchEngine's emulated perturbation spec, if any.
+
+    >>> engine_label("torch", "bf16")
+    'TorchEngine bf16 (emulated)'
+    >>> engine_label("torch", "bf16", "tail:4.0")
+    'TorchEngine bf16 + tail:4.0 (emulated)'
+    """
+    from workbench.engines.torch_engine import ENGINE_DTYPES, TorchEngine
+    from workbench.engines.vllm_engine import VLLMEngine, vllm_on_cpu
+
+    if isinstance(engine, TorchEngine):
+        dtype = {v: k for k, v in ENGINE_DTYPES.items()}[engine.dtype]
+        return engine_label("torch", dtype, None if engine.perturbation is None else str(engine.perturbation))
+    if engine == "torch":
+        return f"TorchEngine {engine_dtype}{f' + {perturbation}' if perturbation else ''} (emulated)"
+    if isinstance(engine, VLLMEngine):
+        engine_dtype, on_cpu = engine.dtype, engine.on_cpu
+    elif engine == "vllm":
+        on_cpu = vllm_on_cpu()
+    else:
+        raise ValueError(f"engine={engine!r} must be 'torch', 'vllm' or a built TorchEngine / VLLMEngine")
+    return f"vLLM {engine_dtype} ({'CPU build' if on_cpu else 'CUDA'})"
+
+
 @dataclass
 class ProbeBatch:
     """One batch of probe rollouts with both sides' logits at every response position."""
@@ -102,7 +145,7 @@ def probe_batches(
     tokenizer: Any,
     task: Any,
     *,
-    engine: str = "torch",
+    engine: str | Any = "torch",
     engine_dtype: str = "bf16",
     perturbation: str | None = None,
     rho: float | None = None,
@@ -119,7 +162,9 @@ def probe_batches(
         model, tokenizer: the policy (the trainer side runs it in fp32, as :class:`RLOOTrainer` does).
         task: a :class:`~workbench.tasks.Task` (prompts come from ``task.sample``).
         engine: ``"torch"`` or ``"vllm"``, built by :func:`workbench.engines.make_engine` as the trainer
-            builds it; only ``"torch"`` records its logits (``ProbeBatch.logits_engine``).
+            builds it, or an engine already built (a :class:`~workbench.engines.VLLMEngine` shared by
+            several measurements: each vLLM start costs ~15 s); only ``"torch"`` records its logits
+            (``ProbeBatch.logits_engine``).
         engine_dtype: engine weight precision.
         perturbation: engine perturbation spec (:func:`workbench.engines.make_perturbation`).
         rho: ρ the engine samples with (``None``: full vocabulary).
@@ -135,7 +180,10 @@ def probe_batches(
     if n_trajectories < 1:
         raise ValueError(f"n_trajectories={n_trajectories} must be >= 1")
     rec = LogitRecorder(make_perturbation(perturbation)) if engine == "torch" else None
-    sampler = make_engine(engine, model, tokenizer, dtype=engine_dtype, perturbation=rec)
+    if isinstance(engine, str):
+        sampler = make_engine(engine, model, tokenizer, dtype=engine_dtype, perturbation=rec)
+    else:
+        sampler = engine
     rng = random.Random(seed)
     max_tokens = max_new_tokens or task.max_new_tokens
     n_batches = -(-n_trajectories // (batch_prompts * k))
@@ -220,7 +268,7 @@ class Signature:
     """The mismatch signature of one engine setting (see the module docstring)."""
 
     engine: str
-    """``"<dtype> + <perturbation>"``."""
+    """Which engine produced it (:func:`engine_label`), e.g. ``"vLLM bf16 (CPU build)"``."""
     n_trajectories: int
     n_tokens: int
     bins: list[dict[str, float]]
@@ -230,7 +278,7 @@ class Signature:
     tail: dict[str, float]
     """The same for the e^-13 tail proper (trainer probability below e^-13 of the row max)."""
     envelope: dict[str, float]
-    """:func:`envelope_stats`."""
+    """:func:`envelope_stats` (count 0 and NaN for an engine whose logits are not recorded: vLLM)."""
     k1: float
     k3: float
     deltas: list[tuple[float, float]] = field(default_factory=list)
@@ -246,6 +294,7 @@ def measure_signature(
     tokenizer: Any,
     task: Any,
     *,
+    engine: str | Any = "torch",
     engine_dtype: str = "bf16",
     perturbation: str | None = None,
     n_trajectories: int = 1024,
@@ -258,6 +307,7 @@ def measure_signature(
 
     Args:
         model, tokenizer, task: the policy and its task.
+        engine: ``"torch"``, ``"vllm"`` or a built engine (:func:`probe_batches`).
         engine_dtype, perturbation: the engine setting.
         n_trajectories: responses sampled (≥ 1,000 for the paper's checks).
         seed: seeds everything.
@@ -274,6 +324,7 @@ def measure_signature(
         model,
         tokenizer,
         task,
+        engine=engine,
         engine_dtype=engine_dtype,
         perturbation=perturbation,
         rho=None,
@@ -289,16 +340,22 @@ def measure_signature(
         lt_all.append(lt[mask])
         li_all.append(r.logprobs[mask])
         tail_all.append(tail[mask])
-        env_terms.append(envelope_terms(batch.logits_train, batch.logits_engine, r.tokens, mask))
+        if batch.logits_engine is not None:
+            env_terms.append(envelope_terms(batch.logits_train, batch.logits_engine, r.tokens, mask))
         n_traj += r.tokens.shape[0]
     lt, li, tail = torch.cat(lt_all), torch.cat(li_all), torch.cat(tail_all)  # (n,) each
     ones = torch.ones_like(lt, dtype=torch.bool)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(lt.numel(), generator=gen)[:5000]
-    envelope = envelope_stats(*(torch.cat(parts) for parts in zip(*env_terms)))
+    empty = torch.empty(0, dtype=torch.float64)
+    envelope = (
+        envelope_stats(*(torch.cat(parts) for parts in zip(*env_terms)))
+        if env_terms
+        else envelope_stats(empty, empty, empty)
+    )
     mm = metrics.mismatch_metrics(lt[None], li[None], ones[None])
     return Signature(
-        engine=f"{engine_dtype} + {perturbation or 'none'}",
+        engine=engine_label(engine, engine_dtype, perturbation),
         n_trajectories=n_traj,
         n_tokens=int(lt.numel()),
         bins=metrics.delta_by_prob_bin(lt, li, ones, edges),
