@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
+from workbench import exercises as ck
 from workbench.exercises import ExerciseFailure, Passed
-from workbench.viz import checkers as ck
 
 # ---------------------------------------------------------------------------------------------- solutions
 

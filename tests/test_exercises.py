@@ -234,10 +234,10 @@ def test_pruned_logprob_checker_catches_inf_unnormalised_and_detached() -> None:
 
 
 def test_shared_helpers_keep_both_wordings_and_the_graph_on_request() -> None:
-    """``_compare``/``_tensor`` serve lessons 00–05 (no ``what``) and :mod:`workbench.viz.checkers` (``what=...``)."""
+    """``compare``/``as_tensor`` serve lessons 00–05 (no ``what``) and lessons 06–10 (``what=...``)."""
     got, expected = torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0])
     with pytest.raises(ex.ExerciseFailure) as plain:
-        ex._compare("chk", "c", got, expected)
+        ex.compare("chk", "c", got, expected)
     assert str(plain.value).splitlines() == [
         "chk: wrong value at flat index 1 (1 of 2 entries differ)",
         "  on case:  c",
@@ -246,7 +246,7 @@ def test_shared_helpers_keep_both_wordings_and_the_graph_on_request() -> None:
         "  first mismatch: expected 2, got 2.5 (tolerance atol=1e-05, rtol=0.0001)",
     ]
     with pytest.raises(ex.ExerciseFailure) as named:
-        ex._compare("chk", "c", got, expected, what="the result")
+        ex.compare("chk", "c", got, expected, what="the result")
     assert str(named.value).splitlines() == [
         "chk: the result is wrong (1 of 2 entries differ)",
         "  on case:  c",
@@ -255,6 +255,6 @@ def test_shared_helpers_keep_both_wordings_and_the_graph_on_request() -> None:
         "  first mismatch at flat index 1: expected 2, got 2.5",
     ]
     loss = torch.ones((), requires_grad=True) * 2
-    assert ex._tensor(loss, "chk", "c", "the loss", (), detach=False) is loss
-    copy = ex._tensor(loss, "chk", "c", "the loss", ())
+    assert ex.as_tensor(loss, "chk", "c", "the loss", (), detach=False) is loss
+    copy = ex.as_tensor(loss, "chk", "c", "the loss", ())
     assert copy.dtype == torch.float64 and not copy.requires_grad

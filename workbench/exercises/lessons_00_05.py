@@ -21,17 +21,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from workbench.dvp import DEFAULT_RHO
+from workbench.exercises.base import (
+    ExerciseFailure,
+    Passed,
+    as_float,
+    as_tensor,
+    call_learner,
+    compare,
+    fmt,
+    generator,
+)
 
 __all__ = [
     "EXERCISES",
-    "ExerciseFailure",
-    "Passed",
     "check_bias_identity",
     "check_delta_by_bin",
     "check_exact_bound",
@@ -47,173 +54,6 @@ __all__ = [
     "check_tail_summary",
     "check_worst_case_perturbation",
 ]
-
-
-class ExerciseFailure(AssertionError):
-    """The learner's answer disagrees with the reference; the message says where, how, and (often) why."""
-
-
-@dataclass(frozen=True)
-class Passed:
-    """A passed exercise: renders as one line in a notebook, is truthy, and says how much was checked."""
-
-    exercise: str
-    """Name of the checker."""
-    cases: int
-    """How many cases the answer was compared on."""
-    note: str = ""
-    """What passing means, in one sentence."""
-
-    def __str__(self) -> str:
-        tail = f" {self.note}" if self.note else ""
-        return f"passed {self.exercise}: your answer matches the reference on {self.cases} cases.{tail}"
-
-    def _repr_markdown_(self) -> str:
-        return "✅ " + str(self)
-
-    def __bool__(self) -> bool:
-        return True
-
-
-# ----------------------------------------------------------------------------------------------------
-# shared machinery
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        if x.numel() <= 12:
-            return str([round(v, 6) if isinstance(v, float) else v for v in x.flatten().tolist()])
-        return f"tensor of shape {tuple(x.shape)}"
-    if isinstance(x, float):
-        return f"{x:.6g}"
-    return repr(x)
-
-
-def _show(x: torch.Tensor) -> str:
-    """A small tensor's entries to 6 significant digits (the wording of :mod:`workbench.viz.checkers`)."""
-    if x.numel() <= 12:
-        items = (f"{v:.6g}" if isinstance(v, float) else str(v) for v in x.flatten().tolist())
-        return "[" + ", ".join(items) + "]"
-    return f"tensor of shape {tuple(x.shape)}"
-
-
-def _call(fn: Callable[..., Any], exercise: str, case: str, *args: Any) -> Any:
-    """Call the learner's function; turn any exception into a failure that names the case."""
-    if not callable(fn):
-        raise ExerciseFailure(
-            f"{exercise}: expected a function, got {type(fn).__name__}; pass the function itself"
-        )
-    try:
-        return fn(*args)
-    except ExerciseFailure:
-        raise
-    except Exception as err:  # the learner's bug, reported with its case
-        raise ExerciseFailure(
-            f"{exercise}: your function raised {type(err).__name__}: {err}\n  on case: {case}"
-        ) from err
-
-
-def _tensor(
-    value: Any, exercise: str, case: str, what: str, shape: Sequence[int], *, detach: bool = True
-) -> torch.Tensor:
-    """The learner's return value as a float64 tensor of ``shape``, or a failure saying what is wrong.
-
-    ``detach=False`` returns the learner's tensor itself (its dtype and autograd graph kept), for a loss whose
-    gradient is checked next.
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and tuple(shape) == ():
-        value = torch.tensor(float(value))
-    if not isinstance(value, torch.Tensor):
-        raise ExerciseFailure(
-            f"{exercise}: {what} should be a torch.Tensor of shape {tuple(shape)}, got {type(value).__name__}\n"
-            f"  on case: {case}"
-        )
-    if tuple(value.shape) != tuple(shape):
-        raise ExerciseFailure(
-            f"{exercise}: {what} has shape {tuple(value.shape)}, expected {tuple(shape)}\n  on case: {case}"
-        )
-    return value.detach().double() if detach else value
-
-
-def _float(value: Any, exercise: str, case: str, what: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise ExerciseFailure(
-        f"{exercise}: {what} should be a number (a Python float or a 1-element tensor), got "
-        f"{type(value).__name__}\n  on case: {case}"
-    )
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
-    """Elementwise closeness that treats NaN == NaN and equal infinities as equal."""
-    a, b = a.double(), b.double()
-    both_nan = torch.isnan(a) & torch.isnan(b)
-    same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    near = torch.zeros_like(finite)
-    near[finite] = (a[finite] - b[finite]).abs() <= atol + rtol * b[finite].abs()
-    return both_nan | same_inf | near
-
-
-def _compare(
-    exercise: str,
-    case: str,
-    got: torch.Tensor,
-    expected: torch.Tensor,
-    *,
-    what: str | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
-    diagnoses: Sequence[tuple[torch.Tensor | None, str]] = (),
-    hint: str = "",
-) -> None:
-    """Fail loudly unless ``got ≈ expected``; name the worst entry and the likeliest slip.
-
-    ``diagnoses`` are ``(what a typical wrong answer returns, what the slip is)``: the first one that matches
-    ``got`` is reported. ``what`` names the compared quantity, as the checkers of :mod:`workbench.viz.checkers`
-    do: the message then reads "<what> is wrong" with values shown by :func:`_show`; without it, "wrong value
-    at flat index i" with values shown by :func:`_fmt` and the tolerance quoted.
-    """
-    got, expected = got.detach().double(), expected.detach().double()
-    ok = _close(got, expected, atol, rtol)
-    if bool(ok.all()):
-        return
-    bad = (~ok).flatten().nonzero().flatten()
-    i = int(bad[0])
-    g, e = got.flatten()[i].item(), expected.flatten()[i].item()
-    counts = f"({len(bad)} of {got.numel()} entries differ)"
-    if what is None:
-        where = f" at flat index {i}" if got.numel() > 1 else ""
-        show, head = _fmt, f"wrong value{where} {counts}"
-        first = f"first mismatch: expected {e:.6g}, got {g:.6g} (tolerance atol={atol:g}, rtol={rtol:g})"
-    else:
-        show, head = _show, f"{what} is wrong {counts}"
-        first = f"first mismatch at flat index {i}: expected {e:.6g}, got {g:.6g}"
-    lines = [
-        f"{exercise}: {head}",
-        f"  on case:  {case}",
-        f"  expected: {show(expected)}",
-        f"  got:      {show(got)}",
-        f"  {first}",
-    ]
-    for candidate, slip in diagnoses:
-        if (
-            candidate is not None
-            and candidate.shape == got.shape
-            and bool(_close(got, candidate, atol, rtol).all())
-        ):
-            lines.append(f"  likely slip: {slip}")
-            break
-    else:
-        if hint:
-            lines.append(f"  hint: {hint}")
-    raise ExerciseFailure("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +75,7 @@ def check_rloo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
     from workbench.rloo import rloo_advantages
 
     name = "check_rloo_advantages"
-    g = _gen(0)
+    g = generator(0)
     cases = [
         (torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]), 4),
         (torch.tensor([1.0, 0.0, 0.5, 3.0]), 4),
@@ -244,12 +84,14 @@ def check_rloo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
         (torch.full((8,), 0.7), 8),
     ]
     for rewards, k in cases:
-        case = f"rewards={_fmt(rewards)}, k={k}"
-        got = _tensor(_call(fn, name, case, rewards.clone(), k), name, case, "the advantages", rewards.shape)
+        case = f"rewards={fmt(rewards)}, k={k}"
+        got = as_tensor(
+            call_learner(fn, name, case, rewards.clone(), k), name, case, "the advantages", rewards.shape
+        )
         expected = rloo_advantages(rewards, k).double()
         groups = rewards.double().view(-1, k)
         with_self = (groups - groups.mean(1, keepdim=True)).reshape(-1)
-        _compare(
+        compare(
             name, case, got, expected,
             diagnoses=[
                 (
@@ -315,7 +157,7 @@ def check_naive_config(cfg: Any) -> Passed:
 
 def _mismatch_cases(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(description, logp_train, logp_infer, mask) with NaN in padded positions, as real batches can have."""
-    g = _gen(seed)
+    g = generator(seed)
     out = []
     for b, t, scale in ((2, 5, 0.01), (4, 7, 0.3), (3, 6, 2.0)):
         lt = torch.log(torch.rand(b, t, generator=g).clamp_min(1e-6))  # (B, T)
@@ -347,12 +189,12 @@ def check_k1_k3(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[A
     name = "check_k1_k3"
     cases = _mismatch_cases(1)
     for case, lt, li, mask in cases:
-        out = _call(fn, name, case, lt.clone(), li.clone(), mask.clone())
+        out = call_learner(fn, name, case, lt.clone(), li.clone(), mask.clone())
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ExerciseFailure(
                 f"{name}: return a pair (k1, k3), got {type(out).__name__}\n  on case: {case}"
             )
-        k1, k3 = (_float(v, name, case, w) for v, w in zip(out, ("k1", "k3")))
+        k1, k3 = (as_float(v, name, case, w) for v, w in zip(out, ("k1", "k3")))
         ref = mismatch_metrics(lt, li, mask)
         d = (li - lt)[mask].double()
         if math.isnan(k1) or math.isnan(k3):
@@ -360,7 +202,7 @@ def check_k1_k3(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[A
                 f"{name}: got NaN (k1={k1}, k3={k3})\n  on case: {case}\n  likely slip: padded positions hold "
                 "NaN and NaN·0 is NaN; select valid tokens with x[mask] (or torch.where(mask, x, 0)) before reducing"
             )
-        _compare(
+        compare(
             name + " (k1)",
             case,
             torch.tensor(k1),
@@ -368,7 +210,7 @@ def check_k1_k3(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[A
             diagnoses=[(torch.tensor(float(-d.mean())), "sign: Δ = log μ − log π (engine minus trainer)")],
             hint="k1 is the plain mean of Δ over the valid tokens",
         )
-        _compare(
+        compare(
             name + " (k3)",
             case,
             torch.tensor(k3),
@@ -407,7 +249,7 @@ def check_delta_by_bin(
     from workbench.metrics import delta_by_prob_bin
 
     name = "check_delta_by_bin"
-    g = _gen(2)
+    g = generator(2)
     p = torch.cat(
         [torch.rand(40, generator=g) * 1e-3, torch.rand(40, generator=g), torch.tensor([0.25, 1.0, 0.1])]
     )
@@ -423,10 +265,10 @@ def check_delta_by_bin(
         ),
     ]
     for case, edges in cases:
-        out = _call(fn, name, case, lt.clone(), li.clone(), mask.clone(), edges)
+        out = call_learner(fn, name, case, lt.clone(), li.clone(), mask.clone(), edges)
         if isinstance(out, (list, tuple)):
-            out = torch.tensor([_float(v, name, case, f"bin {i}'s mean |Δ|") for i, v in enumerate(out)])
-        got = _tensor(out, name, case, "the per-bin mean |Δ|", (len(edges) - 1,))
+            out = torch.tensor([as_float(v, name, case, f"bin {i}'s mean |Δ|") for i, v in enumerate(out)])
+        got = as_tensor(out, name, case, "the per-bin mean |Δ|", (len(edges) - 1,))
         expected = torch.tensor([b["mean_abs_delta"] for b in delta_by_prob_bin(lt, li, mask, edges)])
         pe, dd = p[mask].double(), (li - lt)[mask].double()
         e = torch.tensor(edges, dtype=torch.float64)
@@ -437,7 +279,7 @@ def check_delta_by_bin(
                 for i in range(len(edges) - 1)
             ]
         )
-        _compare(
+        compare(
             name, case, got, expected,
             diagnoses=[(signed, "that is the mean of Δ; the signature averages |Δ| (signs would cancel)")],
             hint="p = exp(logp_train) over valid tokens; mean of |logp_infer − logp_train| per bin; NaN when empty",
@@ -462,7 +304,7 @@ def check_logprob_path_derivative(fn: Callable[[torch.Tensor, torch.Tensor, int,
         :class:`Passed` when it matches the autograd derivative.
     """
     name = "check_logprob_path_derivative"
-    g = _gen(3)
+    g = generator(3)
     cases = []
     for v, t in ((3, 0.0), (8, 0.5), (32, 1.0), (16, 2.0)):
         z = 3 * torch.randn(v, generator=g, dtype=torch.float64)
@@ -471,12 +313,14 @@ def check_logprob_path_derivative(fn: Callable[[torch.Tensor, torch.Tensor, int,
         cases.append((z, delta, a, t))
     for z, delta, a, t in cases:
         case = f"V={z.numel()}, a={a}, t={t}"
-        got = torch.tensor(_float(_call(fn, name, case, z.clone(), delta.clone(), a, t), name, case, "f'(t)"))
+        got = torch.tensor(
+            as_float(call_learner(fn, name, case, z.clone(), delta.clone(), a, t), name, case, "f'(t)")
+        )
         tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
         f = torch.log_softmax(z + tt * delta, -1)[a]
         (expected,) = torch.autograd.grad(f, tt)
         p0 = torch.softmax(z, -1)
-        _compare(
+        compare(
             name,
             case,
             got,
@@ -510,10 +354,10 @@ def check_exact_bound(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Pass
     p = torch.tensor([1e-9, 1e-4, 0.01, 0.3, 0.5, 0.9, 0.999, 1.0], dtype=torch.float64)
     eps_values = (0.001, 0.05, 0.5, 2.0)
     for eps in eps_values:
-        case = f"p={_fmt(p)}, eps={eps}"
-        got = _tensor(_call(fn, name, case, p.clone(), eps), name, case, "the bound", p.shape)
+        case = f"p={fmt(p)}, eps={eps}"
+        got = as_tensor(call_learner(fn, name, case, p.clone(), eps), name, case, "the bound", p.shape)
         expected = prop42_envelope(p.log(), eps)
-        _compare(
+        compare(
             name, case, got, expected, atol=1e-9, rtol=1e-6,
             diagnoses=[
                 (
@@ -542,7 +386,7 @@ def check_worst_case_perturbation(fn: Callable[[torch.Tensor, int, float], torch
         :class:`Passed` when ``‖δ‖_∞ ≤ ε`` and ``Δ_a`` reaches its maximum ``2ε − log(1 + p_a(e^{2ε} − 1))``.
     """
     name = "check_worst_case_perturbation"
-    g = _gen(4)
+    g = generator(4)
     cases = []
     for v, eps, scale in ((4, 0.1, 1.0), (32, 0.5, 3.0), (100, 1.0, 0.5)):
         z = scale * torch.randn(v, generator=g, dtype=torch.float64)
@@ -550,7 +394,7 @@ def check_worst_case_perturbation(fn: Callable[[torch.Tensor, int, float], torch
         cases.append((z, a, eps))
     for z, a, eps in cases:
         case = f"V={z.numel()}, a={a}, eps={eps}"
-        delta = _tensor(_call(fn, name, case, z.clone(), a, eps), name, case, "delta", z.shape)
+        delta = as_tensor(call_learner(fn, name, case, z.clone(), a, eps), name, case, "delta", z.shape)
         norm = float(delta.abs().max())
         if norm > eps * (1 + 1e-9):
             raise ExerciseFailure(f"{name}: ‖δ‖∞ = {norm:.6g} exceeds ε = {eps}\n  on case: {case}")
@@ -577,7 +421,7 @@ def _tail_reference(
     z: torch.Tensor, sigma: float, p_tail: float, draws: int, seed: int
 ) -> tuple[float, float]:
     """E[Δ_a | a sampled, p_a < p_tail] and its Monte Carlo SE, by weighting every token by μ_a (no sampling of a)."""
-    g = _gen(seed)
+    g = generator(seed)
     lp = torch.log_softmax(z.double(), -1)  # (V,)
     tail = lp.exp() < p_tail
     num, den = [], []
@@ -610,11 +454,11 @@ def check_sampled_delta(
         :class:`Passed` when the tail mean is within 4 standard errors (+ 0.01) of the reference and positive.
     """
     name = "check_sampled_delta"
-    g = _gen(5)
+    g = generator(5)
     z = 1.5 * torch.randn(32, generator=g, dtype=torch.float64)
     sigma, n, p_tail = 0.5, 20_000, 0.02
     case = f"V=32 logits 1.5·N(0,1), sigma={sigma}, n={n}"
-    out = _call(fn, name, case, z.clone(), sigma, n, _gen(6))
+    out = call_learner(fn, name, case, z.clone(), sigma, n, generator(6))
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ExerciseFailure(
             f"{name}: return a pair (tokens, delta), got {type(out).__name__}\n  on case: {case}"
@@ -624,7 +468,7 @@ def check_sampled_delta(
         raise ExerciseFailure(f"{name}: tokens must be an integer tensor of shape ({n},)\n  on case: {case}")
     if int(tokens.min()) < 0 or int(tokens.max()) >= z.numel():
         raise ExerciseFailure(f"{name}: tokens must be ids in [0, {z.numel()})\n  on case: {case}")
-    d = _tensor(delta, name, case, "delta", (n,))
+    d = as_tensor(delta, name, case, "delta", (n,))
     if not bool(torch.isfinite(d).all()):
         raise ExerciseFailure(f"{name}: delta contains NaN/inf\n  on case: {case}")
     p = torch.softmax(z, -1)
@@ -676,18 +520,18 @@ def check_tail_summary(
     cases.append(("no token below p_max", *_mismatch_cases(8)[0][1:], 1e-12))
     for case, lt, li, mask, p_max in cases:
         case = f"{case}, p_max={p_max}"
-        out = _call(fn, name, case, lt.clone(), li.clone(), mask.clone(), p_max)
+        out = call_learner(fn, name, case, lt.clone(), li.clone(), mask.clone(), p_max)
         if not (isinstance(out, (tuple, list)) and len(out) == 3):
             raise ExerciseFailure(f"{name}: return (count, mean_delta, frac_positive)\n  on case: {case}")
         got = torch.tensor(
-            [_float(v, name, case, w) for v, w in zip(out, ("count", "mean_delta", "frac_positive"))]
+            [as_float(v, name, case, w) for v, w in zip(out, ("count", "mean_delta", "frac_positive"))]
         )
         ref = sampled_tail_delta(lt, li, mask, p_max=p_max)
         expected = torch.tensor(
             [ref["mismatch/lowp_count"], ref["mismatch/lowp_delta_mean"], ref["mismatch/lowp_frac_positive"]],
             dtype=torch.float64,
         )
-        _compare(
+        compare(
             name, case, got, expected,
             hint="select valid tokens first (x[mask]), then those with logp_train < log(p_max); "
             "mean of Δ = logp_infer − logp_train; NaN (not 0) for an empty selection",
@@ -713,12 +557,12 @@ def check_sequence_log_ratio(
     name = "check_sequence_log_ratio"
     cases = _mismatch_cases(9)
     for case, lt, li, mask in cases:
-        got = _tensor(
-            _call(fn, name, case, lt.clone(), li.clone(), mask.clone()), name, case, "S", lt.shape[:1]
+        got = as_tensor(
+            call_learner(fn, name, case, lt.clone(), li.clone(), mask.clone()), name, case, "S", lt.shape[:1]
         )
         d = torch.where(mask, li.double() - lt.double(), 0.0)
         expected = d.sum(-1)
-        _compare(
+        compare(
             name, case, got, expected,
             diagnoses=[
                 (-expected, "sign: S = log μ(y) − log π(y) (engine minus trainer), so π/μ = e^{−S}"),
@@ -740,7 +584,7 @@ def check_bias_identity(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
         :class:`Passed` when it equals the bias ``E_μ[g] − E_π[g]``.
     """
     name = "check_bias_identity"
-    g = _gen(10)
+    g = generator(10)
     cases = []
     for n, dim, scale in ((4, 1, 0.3), (27, 5, 1.0), (81, 3, 0.05)):
         logits = torch.randn(n, generator=g, dtype=torch.float64)
@@ -750,8 +594,8 @@ def check_bias_identity(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
         cases.append((log_pi, log_mu, grads))
     for log_pi, log_mu, grads in cases:
         case = f"N={log_pi.numel()} sequences, D={grads.shape[1]}"
-        got = _tensor(
-            _call(fn, name, case, log_pi.clone(), log_mu.clone(), grads.clone()),
+        got = as_tensor(
+            call_learner(fn, name, case, log_pi.clone(), log_mu.clone(), grads.clone()),
             name,
             case,
             "the bias",
@@ -760,7 +604,7 @@ def check_bias_identity(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
         pi, mu = log_pi.exp(), log_mu.exp()
         expected = ((mu - pi)[:, None] * grads).sum(0)
         s = log_mu - log_pi
-        _compare(
+        compare(
             name, case, got, expected, atol=1e-9, rtol=1e-7,
             diagnoses=[
                 (
@@ -786,7 +630,7 @@ def check_bias_identity(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
 
 def _safe_cases(seed: int) -> list[tuple[str, torch.Tensor, float]]:
     """Logit tensors whose entries stay clear of the ρ cut (so float rounding cannot decide a case), plus ties."""
-    g = _gen(seed)
+    g = generator(seed)
     out: list[tuple[str, torch.Tensor, float]] = []
     for shape, scale, rho in (((4, 16), 3.0, 1e-2), ((2, 3, 50), 6.0, DEFAULT_RHO), ((5, 8), 1.0, 0.3)):
         z = scale * torch.randn(shape, generator=g)
@@ -814,14 +658,14 @@ def check_safe_mask(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Passed
     name = "check_safe_mask"
     cases = _safe_cases(11)
     for case, z, rho in cases:
-        out = _call(fn, name, case, z.clone(), rho)
+        out = call_learner(fn, name, case, z.clone(), rho)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise ExerciseFailure(f"{name}: return a bool tensor, got {got}\n  on case: {case}")
-        got = _tensor(out, name, case, "the mask", z.shape)
+        got = as_tensor(out, name, case, "the mask", z.shape)
         expected = safe_mask(z, rho).double()
         probs = torch.softmax(z, -1)
-        _compare(
+        compare(
             name, case, got, expected,
             diagnoses=[
                 (
@@ -852,9 +696,9 @@ def check_retained_mass(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Pa
     name = "check_retained_mass"
     cases = _safe_cases(12)
     for case, z, rho in cases:
-        got = _tensor(_call(fn, name, case, z.clone(), rho), name, case, "Z", z.shape[:-1])
+        got = as_tensor(call_learner(fn, name, case, z.clone(), rho), name, case, "Z", z.shape[:-1])
         expected = retained_mass(z, rho).double()
-        _compare(
+        compare(
             name, case, got, expected, atol=1e-6, rtol=1e-5,
             diagnoses=[
                 (1 - expected, "that is 1 − Z, the pruned mass; Z is the mass that stays"),
@@ -889,7 +733,7 @@ def check_pruned_logprob(fn: Callable[[torch.Tensor, torch.Tensor, float], torch
     from workbench.dvp import safe_mask, token_logprobs
 
     name = "check_pruned_logprob"
-    g = _gen(13)
+    g = generator(13)
     cases = []
     for n, v, scale, rho in ((6, 10, 3.0, 1e-2), (8, 64, 5.0, DEFAULT_RHO), (4, 5, 1.0, 0.5)):
         z = scale * torch.randn(n, v, generator=g, dtype=torch.float64)
@@ -898,10 +742,10 @@ def check_pruned_logprob(fn: Callable[[torch.Tensor, torch.Tensor, float], torch
         tok[0] = int(z[0].argmin()) if not bool(safe[0].all()) else tok[0]  # one pruned token when possible
         cases.append((z, tok, rho))
     for z, tok, rho in cases:
-        case = f"logits {tuple(z.shape)}, rho={rho:.3g}, tokens={_fmt(tok)}"
+        case = f"logits {tuple(z.shape)}, rho={rho:.3g}, tokens={fmt(tok)}"
         zl = z.clone().requires_grad_(True)
-        out = _call(fn, name, case, zl, tok.clone(), rho)
-        got = _tensor(out, name, case, "logp", tok.shape)
+        out = call_learner(fn, name, case, zl, tok.clone(), rho)
+        got = as_tensor(out, name, case, "logp", tok.shape)
         inside = safe_mask(z, rho).gather(-1, tok[:, None]).squeeze(-1)  # (N,)
         zr = z.clone().requires_grad_(True)
         ref = token_logprobs(zr, tok, rho)
@@ -917,7 +761,7 @@ def check_pruned_logprob(fn: Callable[[torch.Tensor, torch.Tensor, float], torch
                 f"got {got[~inside].tolist()}\n  on case: {case}"
             )
         full = torch.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1)
-        _compare(
+        compare(
             name,
             case,
             got[inside],
@@ -938,7 +782,7 @@ def check_pruned_logprob(fn: Callable[[torch.Tensor, torch.Tensor, float], torch
         (g_ref,) = torch.autograd.grad(ref[inside].sum(), zr)
         if g_got is None:
             raise ExerciseFailure(f"{name}: no gradient reaches the logits\n  on case: {case}")
-        _compare(
+        compare(
             name + " (gradient)",
             case,
             g_got.double(),

@@ -1,11 +1,11 @@
-"""Checkers for the exercises of lessons 06–10 (lessons 00–05: :mod:`workbench.exercises`), ARENA style.
+"""Checkers for the exercises of lessons 06–10 (lessons 00–05: :mod:`workbench.exercises.lessons_00_05`), ARENA style.
 
 Each ``check_*`` runs the learner's function on a few seeded cases, compares it with the workbench's own
-implementation, and returns a :class:`~workbench.exercises.Passed` (a green line in a notebook) or raises
-:class:`~workbench.exercises.ExerciseFailure` naming the case, the expected and returned values and —
+implementation, and returns a :class:`~workbench.exercises.base.Passed` (a green line in a notebook) or raises
+:class:`~workbench.exercises.base.ExerciseFailure` naming the case, the expected and returned values and —
 when the answer matches a typical wrong one — the slip::
 
-    from workbench.viz.checkers import check_token_mis
+    from workbench.exercises import check_token_mis
 
     def my_token_mis(logp_train, logp_infer, mask, lo, hi):
         ...
@@ -37,7 +37,15 @@ from typing import Any
 import torch
 
 from workbench.dvp import DEFAULT_RHO
-from workbench.exercises import ExerciseFailure, Passed, _call, _compare, _gen, _show, _tensor
+from workbench.exercises.base import (
+    ExerciseFailure,
+    Passed,
+    as_tensor,
+    call_learner,
+    compare,
+    generator,
+    show,
+)
 from workbench.theory.prop42 import logit_error
 
 __all__ = [
@@ -59,7 +67,7 @@ __all__ = [
 
 def _logp_pair(seed: int, b: int = 4, t: int = 6, spread: float = 1.5) -> tuple[torch.Tensor, ...]:
     """``(logp_train, logp_infer, mask)`` with ratios on both sides of a [0.5, 2] window and padding."""
-    g = _gen(seed)
+    g = generator(seed)
     logp_train = -torch.rand(b, t, generator=g, dtype=torch.float64) * 4  # (B, T)
     logp_infer = logp_train + torch.randn(b, t, generator=g, dtype=torch.float64) * spread  # (B, T)
     mask = torch.rand(b, t, generator=g) < 0.8  # (B, T)
@@ -68,7 +76,7 @@ def _logp_pair(seed: int, b: int = 4, t: int = 6, spread: float = 1.5) -> tuple[
 
 
 def _logits(seed: int, rows: int = 6, vocab: int = 50, scale: float = 4.0) -> torch.Tensor:
-    g = _gen(seed)
+    g = generator(seed)
     z = torch.randn(rows, vocab, generator=g) * scale  # (R, V)
     z[0, 3] = z[0].max() + 8.0  # a peaked row with a long tail
     return z
@@ -86,7 +94,7 @@ def check_token_mis(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Pas
             ``weights`` is 0 wherever ``keep`` is False, ``keep`` is False on padding.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` agrees with
+        :class:`~workbench.exercises.base.Passed` when ``fn`` agrees with
         ``importance_weights(..., mode="token_mis", veto=None)`` on every case.
     """
     from workbench.importance import importance_weights
@@ -95,18 +103,18 @@ def check_token_mis(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Pas
     cases = [(_logp_pair(s), lo, hi) for s, lo, hi in ((0, 0.5, 2.0), (1, 0.8, 1.25), (2, 0.1, 10.0))]
     for (lt, li, mask), lo, hi in cases:
         case = f"B×T = {tuple(lt.shape)}, lo={lo}, hi={hi}"
-        out = _call(fn, name, case, lt.clone(), li.clone(), mask.clone(), lo, hi)
+        out = call_learner(fn, name, case, lt.clone(), li.clone(), mask.clone(), lo, hi)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ExerciseFailure(
                 f"{name}: return a pair (weights, keep), got {type(out).__name__}\n  on case: {case}"
             )
-        weights = _tensor(out[0], name, case, "weights", lt.shape)
-        keep = _tensor(out[1], name, case, "keep", lt.shape)
+        weights = as_tensor(out[0], name, case, "weights", lt.shape)
+        keep = as_tensor(out[1], name, case, "keep", lt.shape)
         ref = importance_weights(lt, li, mask, "token_mis", lo=lo, hi=hi, veto=None)
         r = torch.exp(lt.double() - li.double())
         inverse = torch.exp(li.double() - lt.double())
         window_inv = mask & (inverse >= lo) & (inverse <= hi)
-        _compare(
+        compare(
             name, case, keep.double(), ref.keep.double(), what="keep",
             diagnoses=[
                 ((window_inv).double(), "you used μ/π; the ratio corrects samples from μ towards π: r = π/μ = "
@@ -115,7 +123,7 @@ def check_token_mis(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Pas
                 (mask.double(), "every valid token is kept: masking drops tokens whose ratio leaves [lo, hi]"),
             ],
         )  # fmt: skip
-        _compare(
+        compare(
             name, case, weights, ref.weights, what="weights",
             diagnoses=[
                 (torch.where(ref.keep, inverse, 0.0), "you used μ/π; the weight corrects samples from μ towards "
@@ -137,7 +145,7 @@ def check_pg_loss(fn: Callable[..., torch.Tensor]) -> Passed:
         fn: ``fn(logp [B,T] (requires grad), advantages [B], keep [B,T] bool, weights [B,T]) -> scalar loss``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when value and gradient agree with
+        :class:`~workbench.exercises.base.Passed` when value and gradient agree with
         ``rloo.policy_loss(..., agg="token_mean", loss_type="pg")``.
     """
     from workbench.rloo import policy_loss
@@ -145,18 +153,18 @@ def check_pg_loss(fn: Callable[..., torch.Tensor]) -> Passed:
     name = "check_pg_loss"
     n = 0
     for seed in (0, 1, 2):
-        g = _gen(seed)
+        g = generator(seed)
         lt, li, keep = _logp_pair(seed)
         adv = torch.randn(lt.shape[0], generator=g)  # (B,)
         weights = torch.where(keep, torch.exp(lt - li).clamp(max=2.0), 0.0)  # (B, T)
         case = f"seed {seed}, B×T = {tuple(lt.shape)}, kept tokens {int(keep.sum())}"
         logp = lt.clone().requires_grad_(True)
-        loss = _call(fn, name, case, logp, adv.clone(), keep.clone(), weights.clone())
-        loss = _tensor(loss, name, case, "the loss", (), detach=False)
+        loss = call_learner(fn, name, case, logp, adv.clone(), keep.clone(), weights.clone())
+        loss = as_tensor(loss, name, case, "the loss", (), detach=False)
         ref_logp = lt.clone().requires_grad_(True)
         ref, _ = policy_loss(ref_logp, adv, keep, weights, agg="token_mean", loss_type="pg")
         per_tok = -(weights * adv[:, None] * lt) * keep
-        _compare(
+        compare(
             name, case, loss.reshape(()), ref.reshape(()), what="the loss value",
             diagnoses=[
                 (-ref, "the sign is flipped: the optimiser *minimises* the loss, so loss = −w·A·log π"),
@@ -169,7 +177,7 @@ def check_pg_loss(fn: Callable[..., torch.Tensor]) -> Passed:
             raise ExerciseFailure(f"{name}: the loss has no gradient; do not detach log π\n  on case: {case}")
         (grad,) = torch.autograd.grad(loss, logp)
         (ref_grad,) = torch.autograd.grad(ref, ref_logp)
-        _compare(name, case, grad, ref_grad, what="d loss / d log π")
+        compare(name, case, grad, ref_grad, what="d loss / d log π")
         n += 1
     return Passed(name, n, "The weights scale each token's push; only kept tokens count.")
 
@@ -188,7 +196,7 @@ def check_max_safe_rho(fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> Passe
         fn: ``fn(logits [R,V], needed [R] token ids) -> float`` (a number or 1-element tensor).
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` matches, and ``dvp.safe_mask`` at that ρ keeps
+        :class:`~workbench.exercises.base.Passed` when ``fn`` matches, and ``dvp.safe_mask`` at that ρ keeps
         every needed token.
     """
     from workbench.dvp import safe_mask
@@ -197,18 +205,18 @@ def check_max_safe_rho(fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> Passe
     cases = []
     for seed in (0, 1, 2):
         z = _logits(seed)
-        g = _gen(100 + seed)
+        g = generator(100 + seed)
         needed = torch.randint(0, z.shape[-1], (z.shape[0],), generator=g)
         cases.append((z, needed))
     z = _logits(3)
     cases.append((z, z.argmax(-1)))  # only argmaxes needed: ρ = 1
     for z, needed in cases:
         case = f"logits {tuple(z.shape)}, needed={needed.tolist()}"
-        got = _tensor(_call(fn, name, case, z.clone(), needed.clone()), name, case, "ρ", ())
+        got = as_tensor(call_learner(fn, name, case, z.clone(), needed.clone()), name, case, "ρ", ())
         gap = z.double().gather(-1, needed[:, None]).squeeze(-1) - z.double().amax(-1)  # (R,) ≤ 0
         expected = gap.min().exp()
         probs = torch.softmax(z.double(), -1).gather(-1, needed[:, None]).squeeze(-1)
-        _compare(
+        compare(
             name, case, got.reshape(()), expected, what="ρ", atol=0.0, rtol=1e-5,
             diagnoses=[
                 (gap.max().exp(), "you took the *easiest* position; ρ must keep the token everywhere, so the "
@@ -232,7 +240,7 @@ def check_max_safe_rho(fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> Passe
 
 def _engine_pair(seed: int, rows: int = 6, vocab: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     z = _logits(seed, rows, vocab, scale=5.0)
-    g = _gen(200 + seed)
+    g = generator(200 + seed)
     return z, z + torch.randn(rows, vocab, generator=g) * 1.5  # (R, V) each
 
 
@@ -243,7 +251,7 @@ def check_safe_set_overlap(fn: Callable[[torch.Tensor, torch.Tensor, float], tor
         fn: ``fn(logits_train [R,V], logits_engine [R,V], rho) -> [R]``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` agrees with :func:`workbench.metrics.safe_set_overlap`.
+        :class:`~workbench.exercises.base.Passed` when ``fn`` agrees with :func:`workbench.metrics.safe_set_overlap`.
     """
     from workbench.dvp import safe_mask
     from workbench.metrics import safe_set_overlap
@@ -252,13 +260,13 @@ def check_safe_set_overlap(fn: Callable[[torch.Tensor, torch.Tensor, float], tor
     cases = [(*_engine_pair(s), rho) for s, rho in ((0, 1e-2), (1, 1e-4), (2, DEFAULT_RHO))]
     for zt, ze, rho in cases:
         case = f"logits {tuple(zt.shape)}, rho={rho:.3g}"
-        got = _tensor(
-            _call(fn, name, case, zt.clone(), ze.clone(), rho), name, case, "the overlap", zt.shape[:1]
+        got = as_tensor(
+            call_learner(fn, name, case, zt.clone(), ze.clone(), rho), name, case, "the overlap", zt.shape[:1]
         )
         expected = safe_set_overlap(zt, ze, rho)
         st, se = safe_mask(zt, rho), safe_mask(ze, rho)
         inter = (st & se).sum(-1).double()
-        _compare(
+        compare(
             name, case, got, expected, what="the result",
             diagnoses=[
                 (inter / se.sum(-1), "you divided by |V'_S| (the engine's set): that is the engine-side view; "
@@ -276,7 +284,7 @@ def check_boundary_tokens(fn: Callable[[torch.Tensor, torch.Tensor, float], torc
         fn: ``fn(logits_train [R,V], tokens [R], rho) -> bool [R]``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` agrees with :func:`workbench.metrics.boundary_tokens`.
+        :class:`~workbench.exercises.base.Passed` when ``fn`` agrees with :func:`workbench.metrics.boundary_tokens`.
     """
     from workbench.metrics import boundary_tokens
 
@@ -284,14 +292,14 @@ def check_boundary_tokens(fn: Callable[[torch.Tensor, torch.Tensor, float], torc
     cases = []
     for seed, rho in ((0, 1e-2), (1, 1e-4), (2, 1e-6)):
         zt, ze = _engine_pair(seed)
-        g = _gen(300 + seed)
+        g = generator(300 + seed)
         tokens = torch.multinomial(torch.softmax(ze, -1), 1, generator=g).squeeze(
             -1
         )  # (R,) sampled by the engine
         tokens[0] = int(zt[0].argmin())  # a certain boundary token
         cases.append((zt, tokens, rho))
     # A flat policy (max π ≈ 0.1): tokens with ρ·max π ≤ π(a) < ρ are *inside* V_S.
-    zt = torch.randn(6, 40, generator=_gen(310))  # (R, V)
+    zt = torch.randn(6, 40, generator=generator(310))  # (R, V)
     p = torch.softmax(zt, -1)
     rho = 0.05
     between = (p >= rho * p.amax(-1, keepdim=True)) & (p < rho)  # (R, V)
@@ -300,12 +308,16 @@ def check_boundary_tokens(fn: Callable[[torch.Tensor, torch.Tensor, float], torc
     cases.append((zt, tokens, rho))
     for zt, tokens, rho in cases:
         case = f"logits {tuple(zt.shape)}, tokens={tokens.tolist()}, rho={rho:g}"
-        got = _tensor(
-            _call(fn, name, case, zt.clone(), tokens.clone(), rho), name, case, "the flags", tokens.shape
+        got = as_tensor(
+            call_learner(fn, name, case, zt.clone(), tokens.clone(), rho),
+            name,
+            case,
+            "the flags",
+            tokens.shape,
         )
         expected = boundary_tokens(zt, tokens, rho)
         p = torch.softmax(zt.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
-        _compare(
+        compare(
             name, case, got.double(), expected.double(), what="the boundary flags",
             diagnoses=[
                 ((~expected).double(), "inverted: flag tokens *outside* the safe set"),
@@ -326,7 +338,7 @@ def check_envelope_eps(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
         fn: ``fn(logits_train [R,V], logits_engine [R,V]) -> ε [R]``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` agrees with :func:`workbench.theory.logit_error`, the
+        :class:`~workbench.exercises.base.Passed` when ``fn`` agrees with :func:`workbench.theory.logit_error`, the
         one ε every figure and experiment of the workbench uses.
     """
     name = "check_envelope_eps"
@@ -335,10 +347,10 @@ def check_envelope_eps(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     cases.append((zt, zt + 3.0))  # a pure shift: ε = 0
     for zt, ze in cases:
         case = f"logits {tuple(zt.shape)}"
-        got = _tensor(_call(fn, name, case, zt.clone(), ze.clone()), name, case, "ε", zt.shape[:1])
+        got = as_tensor(call_learner(fn, name, case, zt.clone(), ze.clone()), name, case, "ε", zt.shape[:1])
         expected = logit_error(zt, ze)
         delta = (ze - zt).double()
-        _compare(
+        compare(
             name, case, got, expected, what="the result",
             diagnoses=[
                 (delta.abs().amax(-1), "max |δ| ignores that softmax is shift-invariant: subtract the best "
@@ -363,7 +375,7 @@ def check_processed_log_ratio(fn: Callable[..., torch.Tensor]) -> Passed:
         fn: ``fn(logits_train [R,V], tokens [R], rho, logp_engine [R]) -> log r [R]``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` equals ``dvp.token_logprobs(logits, tokens, rho) − logp_engine``.
+        :class:`~workbench.exercises.base.Passed` when ``fn`` equals ``dvp.token_logprobs(logits, tokens, rho) − logp_engine``.
     """
     from workbench.dvp import safe_mask, token_logprobs
 
@@ -373,17 +385,17 @@ def check_processed_log_ratio(fn: Callable[..., torch.Tensor]) -> Passed:
         zt, ze = _engine_pair(seed)
         keep_e = safe_mask(ze, rho)
         logp_e = torch.log_softmax(ze.masked_fill(~keep_e, float("-inf")), -1)  # (R, V) processed log μ^mp
-        g = _gen(400 + seed)
+        g = generator(400 + seed)
         # Tokens the engine could sample and the trainer keeps too (boundary tokens are lesson 8.2).
         both = keep_e & safe_mask(zt, rho)
         tokens = torch.multinomial(both.float(), 1, generator=g).squeeze(-1)  # (R,)
         lp_engine = logp_e.gather(-1, tokens[:, None]).squeeze(-1)  # (R,)
         case = f"logits {tuple(zt.shape)}, rho={rho:g}"
-        got = _tensor(_call(fn, name, case, zt.clone(), tokens.clone(), rho, lp_engine.clone()), name, case,
+        got = as_tensor(call_learner(fn, name, case, zt.clone(), tokens.clone(), rho, lp_engine.clone()), name, case,
                      "log r", tokens.shape)  # fmt: skip
         expected = token_logprobs(zt, tokens, rho) - lp_engine
         full = torch.log_softmax(zt, -1).gather(-1, tokens[:, None]).squeeze(-1) - lp_engine
-        _compare(
+        compare(
             name, case, got, expected, what="the result",
             diagnoses=[
                 (full, "you scored the token with the full-vocabulary log π: against processed log-probs that "
@@ -406,12 +418,12 @@ def check_grpo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
         fn: ``fn(rewards [N], k) -> [N]``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` agrees with :func:`workbench.rloo.grpo_advantages`.
+        :class:`~workbench.exercises.base.Passed` when ``fn`` agrees with :func:`workbench.rloo.grpo_advantages`.
     """
     from workbench.rloo import grpo_advantages, rloo_advantages
 
     name = "check_grpo_advantages"
-    g = _gen(0)
+    g = generator(0)
     cases = [
         (torch.tensor([1.0, 0.0, 1.0, 1.0]), 2),
         ((torch.rand(12, generator=g) < 0.5).float(), 4),
@@ -419,13 +431,15 @@ def check_grpo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
         (torch.full((6,), 0.5), 3),
     ]
     for rewards, k in cases:
-        case = f"rewards={_show(rewards)}, k={k}"
-        got = _tensor(_call(fn, name, case, rewards.clone(), k), name, case, "the advantages", rewards.shape)
+        case = f"rewards={show(rewards)}, k={k}"
+        got = as_tensor(
+            call_learner(fn, name, case, rewards.clone(), k), name, case, "the advantages", rewards.shape
+        )
         expected = grpo_advantages(rewards, k)
         grp = rewards.double().view(-1, k)
         centred = grp - grp.mean(1, keepdim=True)
         pop = (centred / (grp.std(1, unbiased=False, keepdim=True) + 1e-6)).reshape(-1)
-        _compare(
+        compare(
             name, case, got, expected, what="the result", atol=1e-4,
             diagnoses=[
                 (pop, "you used the population std (÷k); GRPO (TRL, verl) uses the unbiased std (÷(k−1))"),
@@ -443,7 +457,7 @@ def check_ppo_clip_loss(fn: Callable[..., torch.Tensor]) -> Passed:
         fn: ``fn(logp [B,T] (requires grad), logp_old [B,T], advantages [B], mask [B,T] bool, clip_eps) -> scalar``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when value and gradient agree with
+        :class:`~workbench.exercises.base.Passed` when value and gradient agree with
         ``rloo.policy_loss(..., loss_type="ppo_clip", agg="token_mean")``.
     """
     from workbench.rloo import policy_loss
@@ -451,12 +465,12 @@ def check_ppo_clip_loss(fn: Callable[..., torch.Tensor]) -> Passed:
     name = "check_ppo_clip_loss"
     n = 0
     for seed, eps in ((0, 0.2), (1, 0.1), (2, 0.3)):
-        g = _gen(seed)
+        g = generator(seed)
         lt, li, mask = _logp_pair(seed, spread=0.4)
         adv = torch.randn(lt.shape[0], generator=g)  # (B,)
         case = f"seed {seed}, clip_eps={eps}"
         logp = lt.clone().requires_grad_(True)
-        loss = _tensor(_call(fn, name, case, logp, li.clone(), adv.clone(), mask.clone(), eps), name, case,
+        loss = as_tensor(call_learner(fn, name, case, logp, li.clone(), adv.clone(), mask.clone(), eps), name, case,
                       "the loss", (), detach=False)  # fmt: skip
         ref_logp = lt.clone().requires_grad_(True)
         ref, _ = policy_loss(
@@ -465,7 +479,7 @@ def check_ppo_clip_loss(fn: Callable[..., torch.Tensor]) -> Passed:
         ratio = torch.exp(lt - li)
         surr, clipped = ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None]
         n_tok = mask.sum()
-        _compare(
+        compare(
             name, case, loss.reshape(()), ref.reshape(()), what="the loss value",
             diagnoses=[
                 ((-torch.maximum(surr, clipped) * mask).sum() / n_tok, "min, not max: PPO takes the *pessimistic* "
@@ -478,7 +492,7 @@ def check_ppo_clip_loss(fn: Callable[..., torch.Tensor]) -> Passed:
             raise ExerciseFailure(f"{name}: the loss has no gradient; do not detach log π\n  on case: {case}")
         (grad,) = torch.autograd.grad(loss, logp)
         (ref_grad,) = torch.autograd.grad(ref, ref_logp)
-        _compare(name, case, grad, ref_grad, what="d loss / d log π", hint="logp_old carries no gradient")
+        compare(name, case, grad, ref_grad, what="d loss / d log π", hint="logp_old carries no gradient")
         n += 1
     return Passed(
         name, n, "Outside the clip range the gradient is 0 in the direction that would move further."
@@ -492,7 +506,7 @@ def check_entropy_scaled_log_rho(fn: Callable[[torch.Tensor, float, float], torc
         fn: ``fn(logits [R,V], log_rho0, kappa) -> log ρ(s) [R]``.
 
     Returns:
-        :class:`~workbench.exercises.Passed` when ``fn`` agrees with
+        :class:`~workbench.exercises.base.Passed` when ``fn`` agrees with
         :func:`workbench.trainer.entropy_scaled_safe_mask`.
     """
     from workbench.trainer import entropy_scaled_safe_mask
@@ -505,11 +519,13 @@ def check_entropy_scaled_log_rho(fn: Callable[[torch.Tensor, float, float], torc
     ]
     for z, log_rho, kappa in cases:
         case = f"logits {tuple(z.shape)}, log_rho0={log_rho}, kappa={kappa}"
-        got = _tensor(_call(fn, name, case, z.clone(), log_rho, kappa), name, case, "log ρ(s)", z.shape[:1])
+        got = as_tensor(
+            call_learner(fn, name, case, z.clone(), log_rho, kappa), name, case, "log ρ(s)", z.shape[:1]
+        )
         _, expected = entropy_scaled_safe_mask(z, log_rho, kappa)
         logp = torch.log_softmax(z.double(), -1)
         h = -(logp.exp() * logp).sum(-1)
-        _compare(
+        compare(
             name, case, got, expected, what="the result", atol=1e-4,
             diagnoses=[
                 (log_rho * (1 + kappa * h / math.log(2)), "entropy in bits; use nats (natural log)"),
