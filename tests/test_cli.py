@@ -43,6 +43,10 @@ FIELD_CASES: dict[str, tuple[str, object, tuple[str, ...]]] = {
     "ppo_epochs": ("2", 2, ("--loss-type", "ppo_clip")),
     "clip_eps": ("0.3", 0.3, ()),
     "agg": ("seq_mean", "seq_mean", ()),
+    "dual_clip": ("3", 3.0, ("--loss-type", "ppo_clip")),
+    "loss_norm": ("valid", "valid", ()),
+    "rejected_in_baseline": ("true", True, ()),
+    "verl_metrics": ("true", True, ()),
     "train_dtype": ("bf16", "bf16", ()),
     "device": ("cuda", "cuda", ()),
     "engine": ("vllm", "vllm", ()),
@@ -65,6 +69,7 @@ OPTIONAL_FIELDS = [
     "is_hi",
     "veto",
     "trust_region",
+    "dual_clip",
     "perturbation",
 ]
 

@@ -295,12 +295,12 @@ def test_config_apply_equals_function_and_is_frozen() -> None:
     [
         ({"mode": "tis"}, r"mode='tis'.*choose one of"),
         ({"mode": "token_mis", "lo": 1.5, "hi": 1.2}, r"lo=1.5 > hi=1.2"),
-        ({"mode": "token_mis", "lo": 0.0}, r"lo=0.0 .*> 0"),
+        ({"mode": "geo_mask", "lo": 0.0}, r"lo=0.0 .*> 0"),  # token_mis / seq_mis accept lo=0 (TRL)
         ({"mode": "seq_mis", "lo": -1.0, "hi": 2.0}, r"lo=-1.0"),
         ({"mode": "seq_mis", "lo": 1.1, "hi": 2.0}, r"must contain 1"),
         ({"mode": "token_tis", "hi": 0.5}, r"hi=0.5 .*\[1, inf\)"),
         ({"mode": "token_tis", "hi": float("inf")}, r"hi=inf"),
-        ({"mode": "token_tis", "lo": 0.5}, r"lo=0.5 has no effect.*token_mis"),
+        ({"mode": "token_tis", "lo": 1.5}, r"lo=1.5 .*lower clip.*\(0, 1\]"),
         ({"mode": "seq_is", "hi": 3.0}, r"takes no bounds.*seq_tis"),
         ({"mode": "none", "lo": 0.5}, r"takes no bounds"),
         ({"mode": "seq_tis", "veto": 1.0}, r"veto=1.0 must be in \(0, 1\)"),

@@ -157,7 +157,7 @@ def test_loss_rejects_what_it_cannot_express() -> None:
         wv.dvp_policy_loss(d["old"], d["log_prob"], gae, d["mask"], "token-mean", Cfg(), settings=SETTINGS)
     with pytest.raises(ValueError, match="loss_agg_mode"):
         wv.dvp_policy_loss(
-            d["old"], d["log_prob"], d["adv"], d["mask"], "seq-mean-token-sum", Cfg(), settings=SETTINGS
+            d["old"], d["log_prob"], d["adv"], d["mask"], "seq-mean-token-sum-norm", Cfg(), settings=SETTINGS
         )
     with pytest.raises(ValueError, match="symmetric"):
         wv.dvp_policy_loss(
@@ -466,8 +466,11 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A sys.path entry for stub packages; their modules and our hooks are removed afterwards."""
+    """A sys.path entry for stub packages; their modules and our hooks are removed afterwards. A real verl that
+    an earlier test imported is hidden meanwhile (and restored), so the stubs are what ``import verl`` finds."""
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "verl" or m.startswith("verl.")]:
+        monkeypatch.delitem(sys.modules, name)
     before = set(sys.modules)
     yield tmp_path
     wv.uninstall()

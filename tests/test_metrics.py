@@ -72,6 +72,7 @@ def ref_mismatch(
         "mismatch/chi2_seq": float(np.mean(np.exp(2 * np.clip(seq_log_r, -clamp, clamp))) - 1),
         "mismatch/ess": float(1.0 / np.mean(w**2)),
         "mismatch/ppl_ratio": float(np.exp(np.mean(seq_log_ppl_gap))),
+        "mismatch/ppl_ratio_arith": float(np.mean(np.exp(seq_log_ppl_gap))),
         "mismatch/max_abs_delta": float(np.max(np.abs(u))),
         "mismatch/mean_abs_delta": float(np.mean(np.abs(u))),
     }
@@ -131,6 +132,7 @@ def test_mismatch_metrics_hand_computed() -> None:
         "mismatch/chi2_seq": 1.5,  # (1² + 2²) / 2 − 1
         "mismatch/ess": 9 / 11,  # (mean r)² / mean r² = 1.5² / 2.75
         "mismatch/ppl_ratio": 2**-0.5,  # exp(mean(0, −ln2))
+        "mismatch/ppl_ratio_arith": 0.75,  # mean(e^0, e^−ln2)
         "mismatch/max_abs_delta": LN2,
         "mismatch/mean_abs_delta": LN2,
     }

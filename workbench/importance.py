@@ -9,10 +9,10 @@ log-prob tensors into stop-gradient weights and a keep mask, one estimator per `
 mode            weight on the sequence's tokens                         level                 default bounds
 ==============  ======================================================  ====================  ===============
 ``none``        1 (naive estimator: no correction, no veto)             token                 —
-``token_tis``   ``min(r_t, hi)``                                        token                 hi = 2.0
+``token_tis``   ``clip(r_t, lo, hi)`` (no lower clip unless ``lo``)     token                 hi = 2.0
 ``token_mis``   ``r_t · 1[lo ≤ r_t ≤ hi]`` (masked tokens dropped)      token                 [0.5, 2.0]
 ``seq_is``      ``r(y) = Π_t r_t`` (unbiased, variance exp. in T)       sequence              —
-``seq_tis``     ``min(r(y), hi)``                                       sequence              hi = 2.0
+``seq_tis``     ``clip(r(y), lo, hi)`` (no lower clip unless ``lo``)    sequence              hi = 2.0
 ``seq_mis``     ``r(y) · 1[lo ≤ r(y) ≤ hi]`` (masked seqs dropped)      sequence              [0.5, 2.0]
 ``geo_mask``    ``1[lo ≤ r(y)^{1/T} ≤ hi]`` (no weight, only a mask)    sequence (geometric)  [0.999, 1.001]
 ==============  ======================================================  ====================  ===============
@@ -25,6 +25,12 @@ mismatch it can mask many sequences — widen it (e.g. ``lo=0.99``) and watch ``
 When only one bound of a window is given, the other is its reciprocal (verl's rule), so ``hi=1.5`` means
 ``[1/1.5, 1.5]``. Every window must contain 1 (``0 < lo ≤ 1 ≤ hi``): a perfectly matched sample must pass
 unchanged, so identical log-probs always give weights of exactly 1.
+
+Two relaxations reproduce TRL 1.16's vLLM correction (``vllm_importance_sampling_mode``; :data:`PEER_PRESETS`):
+``token_mis`` / ``seq_mis`` accept ``lo=0`` — no lower side, only ratios above ``hi`` are masked (TRL's
+``*_mask`` modes with ``clip_min=None``, its default); ``token_tis`` / ``seq_tis`` accept a lower clip
+``0 < lo ≤ 1`` that raises small ratios to ``lo`` (TRL's ``*_truncate`` with ``clip_min``). The defaults stay
+as they were: a two-sided window (THEORY's MIS, verl's IcePop) and no lower clip (verl's TIS).
 
 Veto (all modes but ``none``): drop the whole sequence if any valid token has ``r_t < veto`` (default 1e-4,
 ``None`` disables).
@@ -66,6 +72,7 @@ __all__ = [
     "IS_METRIC_DOCS",
     "IS_MODES",
     "MODE_DEFAULT_BOUNDS",
+    "PEER_PRESETS",
     "TRUST_REGION_DIVS",
     "ISConfig",
     "ISResult",
@@ -80,6 +87,7 @@ _TOKEN_LEVEL = ("none", "token_tis", "token_mis")
 _TIS_MODES = ("token_tis", "seq_tis")
 _WINDOW_MODES = ("token_mis", "seq_mis", "geo_mask")
 _UNBOUNDED_MODES = ("none", "seq_is")
+_OPEN_BELOW_MODES = ("token_mis", "seq_mis")  # lo=0: no lower side (TRL's *_mask modes with clip_min=None)
 
 #: Default ``(lo, hi)`` per mode; ``None`` means "no such bound". Sources in the module docstring.
 MODE_DEFAULT_BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -111,7 +119,8 @@ IS_METRIC_DOCS: dict[str, str] = {
     "is/weight_min": "after correction: min applied weight over kept units",
     "is/weight_max": "after correction: max applied weight over kept units",
     "is/weight_ess": "after correction: ESS (Σw)²/(n·Σw²) of the applied weights over kept units (0 if none kept)",
-    "is/frac_truncated": "fraction of valid units whose ratio exceeded hi and was capped (TIS modes; 0 otherwise)",
+    "is/frac_truncated": "fraction of valid units whose ratio was clipped: above hi, or below lo when a TIS lower "
+    "clip is set (TIS modes; 0 otherwise)",
     "is/frac_masked": "fraction of valid units outside [lo, hi] and dropped (MIS / geo_mask modes; 0 otherwise)",
     "is/frac_vetoed": "fraction of sequences with valid tokens dropped by the veto (some valid r_t < veto)",
     "is/frac_trust_region": "fraction of sequences with valid tokens dropped by trust-region rejection "
@@ -144,10 +153,12 @@ def resolve_bounds(
 ) -> tuple[float | None, float | None]:
     """Fill in and validate the ratio bounds of ``mode``.
 
-    Rules: ``none``/``seq_is`` take no bounds; TIS modes take only ``hi`` (the lower bound is irrelevant
-    to truncation); window modes (``token_mis``, ``seq_mis``, ``geo_mask``) take both, a missing one being
-    the reciprocal of the other and both missing meaning the mode default. Every bound satisfies
-    ``0 < lo ≤ 1 ≤ hi < ∞``.
+    Rules: ``none``/``seq_is`` take no bounds; TIS modes take ``hi`` and optionally a lower clip ``lo``
+    (None: no lower clip, verl's TIS; TRL's ``*_truncate`` with ``clip_min``); window modes (``token_mis``,
+    ``seq_mis``, ``geo_mask``) take both, a missing one being the reciprocal of the other and both missing
+    meaning the mode default. Every bound satisfies ``0 < lo ≤ 1 ≤ hi < ∞``, except that ``token_mis`` and
+    ``seq_mis`` accept ``lo=0``: no lower side (TRL's ``*_mask`` modes with ``clip_min=None``), ``hi``
+    then defaulting to the mode's.
 
     Args:
         mode: one of :data:`IS_MODES`.
@@ -164,6 +175,8 @@ def resolve_bounds(
     (0.25, 4.0)
     >>> resolve_bounds("seq_tis")
     (None, 2.0)
+    >>> resolve_bounds("seq_mis", lo=0.0, hi=3.0)   # TRL's sequence_mask default: no lower side
+    (0.0, 3.0)
     """
     if mode not in IS_MODES:
         raise ValueError(f"mode={mode!r} is not an IS mode; choose one of {IS_MODES}.")
@@ -175,10 +188,11 @@ def resolve_bounds(
             )
         return None, None
     if mode in _TIS_MODES:
-        if lo is not None:
+        lo_v = None if lo is None else _check_positive_finite("lo", lo, mode)
+        if lo_v is not None and lo_v > 1.0:
             raise ValueError(
-                f"lo={lo!r} has no effect for mode={mode!r} (truncation only caps weights at hi); "
-                f"leave lo=None or use mode={mode.replace('tis', 'mis')!r} to mask ratios below lo."
+                f"lo={lo_v!r} for mode={mode!r} is a lower clip and must be in (0, 1]: a clip above 1 would change "
+                f"the weight of perfectly matched samples; use e.g. lo=0.5, or lo=None for no lower clip."
             )
         hi_v = MODE_DEFAULT_BOUNDS[mode][1] if hi is None else _check_positive_finite("hi", hi, mode)
         assert hi_v is not None
@@ -187,9 +201,15 @@ def resolve_bounds(
                 f"hi={hi_v!r} for mode={mode!r} must be in [1, inf): a cap below 1 would change the weight of "
                 f"perfectly matched samples; use hi ≥ 1 (typical {mode} caps: 1.5–10)."
             )
-        return None, hi_v
+        return lo_v, hi_v
     # window modes
     d_lo, d_hi = MODE_DEFAULT_BOUNDS[mode]
+    if mode in _OPEN_BELOW_MODES and _is_number(lo) and float(lo) == 0.0:  # type: ignore[arg-type]
+        hi_v = d_hi if hi is None else _check_positive_finite("hi", hi, mode)
+        assert hi_v is not None
+        if hi_v < 1.0:
+            raise ValueError(f"hi={hi_v!r} for mode={mode!r} must be ≥ 1 (the window must contain 1).")
+        return 0.0, hi_v
     lo_v = None if lo is None else _check_positive_finite("lo", lo, mode)
     hi_v = None if hi is None else _check_positive_finite("hi", hi, mode)
     if lo_v is None and hi_v is None:
@@ -278,11 +298,15 @@ class ISConfig:
     mode: str = "none"
     """One of :data:`IS_MODES`; ``"none"`` is the naive estimator (weights 1, no veto, stats still logged)."""
     lo: float | None = None
-    """Lower ratio bound (window modes only); None = reciprocal of ``hi`` or the mode default."""
+    """Lower ratio bound: window modes — None = reciprocal of ``hi`` or the mode default, ``0`` (token_mis /
+    seq_mis) = no lower side, TRL's default; TIS modes — a lower clip in (0, 1], None (default, verl's TIS) =
+    none."""
     hi: float | None = None
     """Upper ratio bound / truncation cap; None = reciprocal of ``lo`` or the mode default."""
     veto: float | None = DEFAULT_VETO
-    """Drop a sequence if any valid token ratio is below this (in (0, 1)); None disables. Ignored by mode none."""
+    """Drop a sequence if any valid token ratio is below this (in (0, 1)); None disables. Ignored by mode none.
+    On by default (THEORY: τ = 1e-4, "When Speed Kills Stability"); TRL has no veto and verl 0.9.1 removed
+    it — ``veto=None`` matches both (:data:`PEER_PRESETS`)."""
     log_clamp: float = DEFAULT_LOG_CLAMP
     """Log-ratios are clamped to ±log_clamp before exponentiating."""
     trust_region: float | None = None
@@ -306,6 +330,59 @@ class ISConfig:
         """Compute the weights of this configuration; same as :func:`importance_weights`."""
         return _compute(self, logp_train, logp_infer, mask)
 
+    @classmethod
+    def from_trl(
+        cls, mode: str = "sequence_mask", clip_max: float | None = 3.0, clip_min: float | None = None
+    ) -> ISConfig:
+        """The weights of TRL 1.16's vLLM correction (``GRPOConfig.vllm_importance_sampling_*``).
+
+        ``token_truncate`` / ``sequence_truncate`` → ``token_tis`` / ``seq_tis`` with ``lo=clip_min`` (a lower
+        clip); ``token_mask`` / ``sequence_mask`` → ``token_mis`` / ``seq_mis`` with ``lo=clip_min`` or 0 (no
+        lower side). No veto (TRL has none). TRL's defaults are ``sequence_mask``, ``clip_max=3``,
+        ``clip_min=None``. TRL exponentiates without a clamp; here log-ratios are clamped at ±20, which moves a
+        weight below e^-20 ≈ 2e-9 by less than that.
+
+        Args:
+            mode: TRL's ``vllm_importance_sampling_mode``.
+            clip_max: ``vllm_importance_sampling_clip_max`` (None — no upper side — has no counterpart here).
+            clip_min: ``vllm_importance_sampling_clip_min``.
+
+        Raises:
+            ValueError: an unknown mode, ``clip_max=None``, or bounds outside the ranges of :func:`resolve_bounds`.
+
+        >>> ISConfig.from_trl()
+        ISConfig(mode='seq_mis', lo=0.0, hi=3.0, veto=None, log_clamp=20.0, trust_region=None, trust_region_div='k3')
+        """
+        modes = {"token_truncate": "token_tis", "token_mask": "token_mis"}
+        modes |= {"sequence_truncate": "seq_tis", "sequence_mask": "seq_mis"}
+        if mode not in modes:
+            raise ValueError(f"vllm_importance_sampling_mode={mode!r} must be one of {list(modes)}.")
+        if clip_max is None:
+            raise ValueError(
+                "vllm_importance_sampling_clip_max=None (no upper bound) has no counterpart here: every mode needs "
+                "a finite hi; pass a large clip_max (e.g. 1e6) to approximate it."
+            )
+        ours = modes[mode]
+        lo = clip_min if clip_min is not None or ours.endswith("tis") else 0.0
+        return cls(mode=ours, lo=lo, hi=clip_max, veto=None)
+
+
+PEER_PRESETS: dict[str, ISConfig] = {
+    # verl 0.9.1's trainer config (ppo_trainer.yaml): rollout_is null, rollout_rs null — metrics only
+    "verl-0.9.1-default": ISConfig("none", veto=None),
+    # verl 0.9.1's RolloutCorrectionConfig() dataclass defaults: rollout_is="sequence", threshold 2.0 (seq-TIS)
+    "verl-0.9.1-RolloutCorrectionConfig": ISConfig("seq_tis", hi=2.0, veto=None),
+    # TRL 1.16 GRPOConfig(vllm_importance_sampling_mode=…) with its defaults clip_max=3.0, clip_min=None
+    "trl-1.16-token_truncate": ISConfig.from_trl("token_truncate"),
+    "trl-1.16-token_mask": ISConfig.from_trl("token_mask"),
+    "trl-1.16-sequence_truncate": ISConfig.from_trl("sequence_truncate"),
+    "trl-1.16-sequence_mask": ISConfig.from_trl("sequence_mask"),  # TRL's default mode
+}
+"""IS settings that reproduce a peer's weights, named after what they reproduce (lessons/switching.md).
+verl presets by name (``decoupled_token_is`` …) are read by
+:func:`workbench.integrations.verl.is_config_from_verl`; the loss settings that go with these are
+:data:`workbench.rloo.PEER_LOSS`, both together :meth:`workbench.trainer.RLOOConfig.reproducing`."""
+
 
 @dataclass
 class ISResult:
@@ -317,12 +394,16 @@ class ISResult:
         seq_keep: ``[B]`` bool; the sequence was neither masked nor vetoed (use as ``valid`` for the RLOO
             baseline). A sequence without valid tokens is not rejected (True).
         stats: ``{"is/…": float}``, every key documented in :data:`IS_METRIC_DOCS`.
+        zeroed: ``[B, T]`` bool; valid tokens whose weight the ``token_mis`` / ``seq_mis`` window set to 0 and
+            that no rejection rule (veto, trust region) dropped. verl's IcePop and TRL's ``*_mask`` modes keep
+            exactly these in the loss normaliser (``policy_loss(norm_mask=…)``); all False in other modes.
     """
 
     weights: torch.Tensor
     keep: torch.Tensor
     seq_keep: torch.Tensor
     stats: dict[str, float]
+    zeroed: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------ compute
@@ -456,10 +537,13 @@ def _compute(
         elif mode in _TIS_MODES:
             assert hi is not None
             truncated = unit_valid & (unit_log_r > math.log(hi))
-            unit_w = unit_ratio.clamp(max=hi)
+            if lo is not None:  # TRL's clip_min: small ratios raised to lo
+                truncated = truncated | (unit_valid & (unit_log_r < math.log(lo)))
+            unit_w = unit_ratio.clamp(min=lo, max=hi)
         else:  # window modes
             assert lo is not None and hi is not None
-            inside = (unit_log_r >= math.log(lo)) & (unit_log_r <= math.log(hi))
+            log_lo = math.log(lo) if lo > 0 else -math.inf  # lo = 0: no lower side
+            inside = (unit_log_r >= log_lo) & (unit_log_r <= math.log(hi))
             masked = unit_valid & ~inside
             unit_w = torch.where(
                 inside, torch.ones_like(unit_ratio) if mode == "geo_mask" else unit_ratio, 0.0
@@ -472,11 +556,15 @@ def _compute(
             keep = mask & ~masked & seq_keep[:, None]  # (B, T)
             tok_w = unit_w
             kept_units = keep
+            zeroed = mask & masked & seq_keep[:, None]  # (B, T)
         else:
             seq_keep = ~masked & ~rejected  # (B,)
             keep = mask & seq_keep[:, None]  # (B, T)
             tok_w = unit_w[:, None].expand_as(log_r)  # (B, T)
             kept_units = has_tok & seq_keep
+            zeroed = mask & (masked & ~rejected)[:, None]  # (B, T)
+        if mode == "geo_mask":  # verl's geometric filter is a rejection (rollout_rs), never IcePop zeros
+            zeroed = torch.zeros_like(mask)
         weights = torch.where(keep, tok_w, 0.0).float()  # (B, T)
 
         n_valid_tok = mask.sum()
@@ -498,4 +586,4 @@ def _compute(
             n_seqs.double(),
         ]
         stats = dict(zip(IS_METRIC_DOCS, torch.stack(values).tolist(), strict=True))
-    return ISResult(weights=weights, keep=keep, seq_keep=seq_keep, stats=stats)
+    return ISResult(weights=weights, keep=keep, seq_keep=seq_keep, stats=stats, zeroed=zeroed)

@@ -13,6 +13,7 @@ k3                mean(e^u − u − 1) — KL(μ‖π) estimate, ≥ 0 per toke
 χ² sequence       mean_y r(y)² − 1 — χ² of whole responses: the variance of sequence-level IS
 ESS               1 / mean(w²), w = r / mean r — effective sample fraction of token IS (want > 0.5)
 PPL ratio         exp(mean_y (log ppl_π(y) − log ppl_μ(y))) — >1: the trainer finds the text less likely
+                  (geometric mean over sequences; ``ppl_ratio_arith``: verl's arithmetic mean of the ratios)
 |Δ|               max and mean absolute token log-prob gap
 ================  ==========================================================================
 
@@ -24,6 +25,12 @@ summary of a :class:`workbench.dvp.TokenStats` (:func:`dvp_metrics`).
 Every key a function emits is documented, with its estimator, in :data:`MISMATCH_METRIC_DOCS` or
 :data:`DVP_METRIC_DOCS` (a test checks the two sets agree). Reductions run in float64; a metric of an
 empty selection (no valid token) is ``nan``, never a made-up 0.
+
+verl's names and definitions. :func:`verl_rollout_corr_metrics` emits the same quantities as verl 0.9.1's
+rollout-correction helper (``rollout_corr/…``, :data:`VERL_METRIC_DOCS`), with verl's definitions — rows with no
+valid token averaged in, the arithmetic PPL ratio, ESS over the applied weights with IcePop's zeros and
+sequence weights counted once per token — so a run can be overlaid on a verl dashboard
+(``RLOOConfig.verl_metrics``; lessons/switching.md).
 
 Run the doctests: ``pytest --doctest-modules workbench/metrics.py``.
 """
@@ -44,12 +51,14 @@ from workbench.dvp import (
     token_in_safe_set,
     validate_rho,
 )
+from workbench.importance import ISConfig
 
 __all__ = [
     "DEFAULT_LOG_CLAMP",
     "DEFAULT_P_EDGES",
     "DVP_METRIC_DOCS",
     "MISMATCH_METRIC_DOCS",
+    "VERL_METRIC_DOCS",
     "boundary_from_logprobs",
     "boundary_tokens",
     "delta_by_prob_bin",
@@ -60,6 +69,7 @@ __all__ = [
     "mode_ci",
     "safe_set_overlap",
     "sampled_tail_delta",
+    "verl_rollout_corr_metrics",
 ]
 
 DEFAULT_P_EDGES: tuple[float, ...] = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 0.9, 0.99, 1.0)
@@ -74,7 +84,10 @@ MISMATCH_METRIC_DOCS: dict[str, str] = {
     "mismatch/chi2_token": "mean r_t² − 1 over valid tokens, r_t = π/μ with log r_t clamped to ±log_clamp; χ²(π‖μ) per token",
     "mismatch/chi2_seq": "mean over sequences of r(y)² − 1, log r(y) = Σ_t log r_t clamped to ±log_clamp (log space)",
     "mismatch/ess": "1 / mean(w²) with w = r_t / mean r_t over valid tokens (log space, log r_t clamped): ESS fraction in (0, 1], want > 0.5",
-    "mismatch/ppl_ratio": "exp(mean over sequences of log ppl_π − log ppl_μ) = exp(mean_y mean_t Δ); > 1: trainer less sure",
+    "mismatch/ppl_ratio": "geometric: exp(mean over sequences of log ppl_π − log ppl_μ) = exp(mean_y mean_t Δ); > 1: "
+    "trainer less sure (verl's exp(rollout_corr/log_ppl_diff))",
+    "mismatch/ppl_ratio_arith": "arithmetic: mean over sequences of ppl_π / ppl_μ = mean_y exp(mean_t Δ) (verl's "
+    "rollout_corr/ppl_ratio, without its empty rows); ≥ the geometric ppl_ratio",
     "mismatch/max_abs_delta": "max |Δ| = max |log μ − log π| over valid sampled tokens",
     "mismatch/mean_abs_delta": "mean |Δ| over valid sampled tokens",
     "mismatch/lowp_count": "number of valid sampled tokens with trainer probability p = e^{log π} < p_max (default 1e-3)",
@@ -297,12 +310,280 @@ def mismatch_metrics(
             torch.expm1(_log_mean_exp(2 * u_c)),  # chi2_token = mean r² − 1
             torch.expm1(_log_mean_exp(2 * log_r_seq.clamp(-log_clamp, log_clamp))),  # chi2_seq
             torch.exp(2 * _log_mean_exp(u_c) - _log_mean_exp(2 * u_c)),  # ess = (mean r)² / mean r²
-            torch.exp(mean_delta_seq.mean()),  # ppl_ratio
+            torch.exp(mean_delta_seq.mean()),  # ppl_ratio (geometric)
+            torch.exp(mean_delta_seq).mean(),  # ppl_ratio_arith
             u.abs().max(),
             u.abs().mean(),
         ]
     )
     return dict(zip(keys, values.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# verl's rollout_corr/… metrics, with verl's definitions
+
+_VERL_OFFPOLICY_DOCS: dict[str, str] = {
+    "training_ppl": "mean over all rows of exp(−mean_t log π) (rows without a valid token count as 1)",
+    "training_log_ppl": "mean over all rows of −mean_t log π (empty rows count as 0)",
+    "kl": "mean over valid tokens of log μ − log π (= mismatch/k1)",
+    "k3_kl": "mean over valid tokens of r − log r − 1, r = π/μ unclamped (= mismatch/k3)",
+    "rollout_ppl": "mean over all rows of exp(−mean_t log μ) (empty rows count as 1)",
+    "rollout_log_ppl": "mean over all rows of −mean_t log μ (empty rows count as 0)",
+    "log_ppl_diff": "mean over all rows of mean_t (log μ − log π) (empty rows count as 0; = log mismatch/ppl_ratio "
+    "without them)",
+    "log_ppl_abs_diff": "mean over all rows of |mean_t (log μ − log π)|",
+    "log_ppl_diff_max": "max over all rows of mean_t (log μ − log π) (an empty row gives 0)",
+    "log_ppl_diff_min": "min over all rows of mean_t (log μ − log π) (an empty row gives 0)",
+    "ppl_ratio": "arithmetic: mean over all rows of exp(mean_t (log μ − log π)) (empty rows count as 1)",
+    "chi2_token": "mean over valid tokens of r_t² − 1, log r_t clamped at ±20 (= mismatch/chi2_token)",
+    "chi2_seq": "mean over all rows of r(y)² − 1, log r(y) clamped at ±20 (empty rows count as 0)",
+}
+_VERL_IS_DOCS: dict[str, str] = {
+    "rollout_is_mean": "mean over valid tokens of the applied IS weight (IcePop zeros included)",
+    "rollout_is_max": "token level: max applied weight; sequence level: e^min(max_y log r(y), 20) over all rows",
+    "rollout_is_min": "token level: min applied weight; sequence level: e^{min_y log r(y)} over all rows",
+    "rollout_is_ratio_fraction_high": "fraction of valid tokens (sequence level: of all rows) whose ratio exceeds hi",
+    "rollout_is_ratio_fraction_low": "fraction of valid tokens (sequence level: of all rows) whose ratio is below lo "
+    "(1/hi for truncation)",
+    "rollout_is_std": "token-weighted std of the applied weights clipped to [0, hi] (0 with ≤ 1 valid token)",
+    "rollout_is_eff_sample_size": "ESS 1/mean(w̃²), w̃ = w/mean w over valid tokens of the applied weights clipped to "
+    "[0, hi]: IcePop zeros count, a sequence weight counts once per token",
+    "rollout_is_seq_mean": "mean over all rows of the row's mean applied weight (empty rows count as 0)",
+    "rollout_is_seq_std": "std (unbiased) over all rows of the row's mean applied weight",
+    "rollout_is_seq_max": "max over all rows of the row's mean applied weight",
+    "rollout_is_seq_min": "min over all rows of the row's mean applied weight",
+    "rollout_is_seq_max_deviation": "max over all rows of |row mean applied weight − 1|",
+    "rollout_is_seq_fraction_high": "fraction of all rows whose mean raw weight exceeds hi",
+    "rollout_is_seq_fraction_low": "fraction of all rows whose mean raw weight is below lo (1/hi for truncation)",
+    "rollout_is_oob_ratio": "IcePop (token_mis / seq_mis) only: fraction of valid tokens whose ratio is outside "
+    "[lo, hi]",
+}
+_VERL_RS_OPTION_DOCS: dict[str, str] = {
+    "mean": "token-weighted mean of the option's per-sequence statistic",
+    "max": "max of the statistic over sequences with a valid token",
+    "min": "min of the statistic over sequences with a valid token",
+    "fraction_high": "fraction of sequences with a valid token whose statistic exceeds the upper bound",
+    "fraction_low": "fraction below the lower bound (k1 options; 0 otherwise)",
+    "std": "token-weighted std of the statistic clipped to the bounds",
+    "seq_mean": "mean of the statistic over sequences with a valid token",
+    "seq_std": "std (unbiased) of the statistic over those sequences",
+    "seq_max": "max of the statistic over those sequences",
+    "seq_min": "min of the statistic over those sequences",
+    "seq_max_deviation": "max |statistic| over those sequences",
+    "seq_fraction_high": "fraction of those sequences above the upper bound",
+    "seq_fraction_low": "k1 options only: fraction of those sequences below the lower bound",
+    "masked_fraction": "fraction of valid tokens this option rejects",
+    "seq_masked_fraction": "fraction of sequences with a valid token this option rejects",
+}
+_VERL_RS_OPTIONS: dict[str, str] = {
+    "seq_mean_k1": "geo_mask's window (statistic mean_t −log r_t, bounds log(1/hi), log(1/lo))",
+    "seq_max_k2": "trust region, k2 (statistic max_t ½ log² r_t)",
+    "seq_max_k3": "trust region, k3 (statistic max_t r_t − 1 − log r_t)",
+}
+VERL_METRIC_DOCS: dict[str, str] = {
+    **{f"rollout_corr/{k}": f"verl: {v}" for k, v in _VERL_OFFPOLICY_DOCS.items()},
+    **{
+        f"rollout_corr/{k}": f"verl, IS modes verl can express (token/seq tis/mis): {v}"
+        for k, v in _VERL_IS_DOCS.items()
+    },
+    **{
+        f"rollout_corr/rollout_rs_{o}_{k}": f"verl, {where}: {v}"
+        for o, where in _VERL_RS_OPTIONS.items()
+        for k, v in _VERL_RS_OPTION_DOCS.items()
+        if not (k == "seq_fraction_low" and not o.endswith("k1"))
+    },
+    "rollout_corr/rollout_rs_masked_fraction": "verl, with geo_mask or a trust region: fraction of valid tokens "
+    "rejected by any rejection option",
+    "rollout_corr/rollout_rs_seq_masked_fraction": "verl, with geo_mask or a trust region: fraction of all rows "
+    "with a rejected valid token",
+}
+"""Keys :func:`verl_rollout_corr_metrics` can emit (``RLOOConfig.verl_metrics``): verl 0.9.1's names and
+definitions (``verl.trainer.ppo.rollout_corr_helper``); which ones depend on the IS settings."""
+
+
+def _verl_is_spec(cfg: ISConfig) -> tuple[str, float, float | None] | None:
+    """``(level, upper, lower or None)`` of verl's ``rollout_is`` for ``cfg``, None where verl has no counterpart."""
+    lo, hi = cfg.bounds
+    if cfg.mode in ("token_tis", "seq_tis") and lo is None:
+        assert hi is not None
+        return ("token" if cfg.mode == "token_tis" else "sequence"), hi, None
+    if cfg.mode in ("token_mis", "seq_mis") and lo:
+        assert hi is not None
+        return ("token" if cfg.mode == "token_mis" else "sequence"), hi, lo
+    return None
+
+
+def verl_rollout_corr_metrics(
+    logp_train: torch.Tensor,
+    logp_infer: torch.Tensor,
+    mask: torch.Tensor,
+    is_config: ISConfig | None = None,
+) -> dict[str, float]:
+    """verl 0.9.1's ``rollout_corr/…`` metrics of a batch, with verl's definitions (:data:`VERL_METRIC_DOCS`).
+
+    What ``compute_rollout_correction_and_rejection_mask`` logs for the verl settings equivalent to
+    ``is_config`` (:func:`workbench.integrations.verl.rollout_correction_for`): the off-policy metrics always;
+    the ``rollout_is_*`` weight statistics when the mode is one verl expresses (``token_tis``, ``seq_tis``
+    without a lower clip, ``token_mis``, ``seq_mis`` with ``lo > 0``); the ``rollout_rs_*`` statistics of
+    ``geo_mask`` (verl's ``seq_mean_k1``) and of the trust region (``seq_max_k2`` / ``seq_max_k3``). The veto
+    has no verl counterpart and no metric here. Differences from :func:`mismatch_metrics`, all verl's: rows
+    without a valid token are averaged in (PPL 1, log-PPL gap 0, r(y)² = 1), ``ppl_ratio`` is the arithmetic
+    mean, ESS is over the applied weights (IcePop zeros included, a sequence weight once per token). Computed in
+    float64; verl's ``+1e-8`` denominators are not reproduced (relative differences ~1e-8 / tokens).
+
+    Args:
+        logp_train: ``[B, T]`` trainer log-probs (verl's ``old_log_prob``).
+        logp_infer: ``[B, T]`` engine log-probs (verl's ``rollout_log_prob``).
+        mask: ``[B, T]`` bool valid tokens (verl's ``response_mask``).
+        is_config: the IS settings (None: off-policy metrics only).
+
+    Returns:
+        ``{"rollout_corr/…": float}``; every value ``nan`` when no token is valid (verl raises there).
+
+    >>> lp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 1.0]]))
+    >>> m = verl_rollout_corr_metrics(lp, lp, torch.tensor([[True, True], [False, False]]))
+    >>> m["rollout_corr/ppl_ratio"], round(m["rollout_corr/training_ppl"], 4)  # the empty row: (1 + 1)/2, (√8 + 1)/2
+    (1.0, 1.9142)
+    """
+    _check_pair(logp_train, logp_infer, mask, ndim=2)
+    if not bool(mask.any()):
+        one = torch.ones(1, 1, dtype=torch.bool)
+        keys = verl_rollout_corr_metrics(torch.zeros(1, 1), torch.zeros(1, 1), one, is_config)
+        return dict.fromkeys(keys, _nan())
+    clamp = DEFAULT_LOG_CLAMP  # verl's SAFETY_BOUND
+    m = mask.double()  # (B, T)
+    lt = torch.where(mask, logp_train.double(), 0.0)  # (B, T)
+    li = torch.where(mask, logp_infer.double(), 0.0)  # (B, T)
+    lr = lt - li  # (B, T) log r_t, 0 on padding
+    n = m.sum(-1)  # (B,)
+    has = n > 0  # (B,)
+    n_all = m.sum()
+
+    def row_mean(x: torch.Tensor) -> torch.Tensor:  # (B, T) → (B,), 0 for an empty row (verl's masked_mean)
+        return torch.where(has, (x * m).sum(-1) / n.clamp_min(1), 0.0)
+
+    def tok_mean(x: torch.Tensor) -> torch.Tensor:  # mean over valid tokens
+        return (x * m).sum() / n_all
+
+    out: dict[str, torch.Tensor] = {}
+    mlp_t, mlp_i = row_mean(lt), row_mean(li)  # (B,)
+    gap = mlp_i - mlp_t  # (B,) log ppl_π − log ppl_μ
+    seq_lr = lr.sum(-1)  # (B,) log r(y)
+    out |= {
+        "training_ppl": torch.exp(-mlp_t).mean(),
+        "training_log_ppl": (-mlp_t).mean(),
+        "kl": tok_mean(li - lt),
+        "k3_kl": tok_mean(torch.expm1(lr) - lr),
+        "rollout_ppl": torch.exp(-mlp_i).mean(),
+        "rollout_log_ppl": (-mlp_i).mean(),
+        "log_ppl_diff": gap.mean(),
+        "log_ppl_abs_diff": gap.abs().mean(),
+        "log_ppl_diff_max": gap.max(),
+        "log_ppl_diff_min": gap.min(),
+        "ppl_ratio": torch.exp(gap).mean(),
+        "chi2_token": tok_mean(torch.exp(2 * lr.clamp(-clamp, clamp))) - 1,
+        "chi2_seq": torch.exp(2 * seq_lr.clamp(-clamp, clamp)).mean() - 1,
+    }
+
+    spec = None if is_config is None else _verl_is_spec(is_config)
+    if spec is not None:
+        level, hi, lo = spec
+        lo_m = 1.0 / hi if lo is None else lo  # verl's lower bound for the *_fraction_low metrics
+        if level == "token":
+            raw = torch.exp(lr.clamp(-clamp, clamp)) * m  # (B, T)
+        else:
+            raw = torch.exp(seq_lr.clamp(-clamp, clamp))[:, None] * m  # (B, T)
+        if lo is None:
+            w = raw.clamp(max=hi)  # (B, T) TIS
+        else:
+            w = torch.where((raw >= lo) & (raw <= hi), raw, 0.0)  # (B, T) IcePop
+        if level == "sequence":
+            out |= {
+                "rollout_is_max": torch.exp(seq_lr.max().clamp(max=clamp)),
+                "rollout_is_min": torch.exp(seq_lr.min()),
+                "rollout_is_mean": tok_mean(w),
+                "rollout_is_ratio_fraction_high": (seq_lr > math.log(hi)).double().mean(),
+                "rollout_is_ratio_fraction_low": (seq_lr < math.log(lo_m)).double().mean(),
+            }
+        else:
+            out |= {
+                "rollout_is_mean": tok_mean(w),
+                "rollout_is_ratio_fraction_high": tok_mean((raw > hi).double()),
+                "rollout_is_ratio_fraction_low": tok_mean((raw < lo_m).double()),
+                "rollout_is_max": w[mask].max(),
+                "rollout_is_min": w[mask].min(),
+            }
+        wc = w.clamp(0.0, hi)  # (B, T)
+        wc_mean = tok_mean(wc)
+        out["rollout_is_std"] = (
+            (tok_mean(wc * wc) - wc_mean**2).clamp_min(0).sqrt() if n_all > 1 else torch.zeros(())
+        )
+        out["rollout_is_eff_sample_size"] = 1.0 / tok_mean((wc / (wc_mean + 1e-8)) ** 2)
+        seq_w, raw_seq_w = row_mean(w), row_mean(raw)  # (B,)
+        out |= {
+            "rollout_is_seq_mean": seq_w.mean(),
+            "rollout_is_seq_std": seq_w.std() if seq_w.numel() > 1 else torch.zeros(()),
+            "rollout_is_seq_max": seq_w.max(),
+            "rollout_is_seq_min": seq_w.min(),
+            "rollout_is_seq_max_deviation": (seq_w - 1).abs().max(),
+            "rollout_is_seq_fraction_high": (raw_seq_w > hi).double().mean(),
+            "rollout_is_seq_fraction_low": (raw_seq_w < lo_m).double().mean(),
+        }
+        if lo is not None:
+            out["rollout_is_oob_ratio"] = tok_mean(((raw < lo) | (raw > hi)).double())
+
+    # rejection options: (name, per-sequence statistic, lower bound or None, upper bound)
+    options: list[tuple[str, torch.Tensor, float | None, float]] = []
+    u = lr.clamp(-clamp, clamp)  # (B, T)
+    if is_config is not None and is_config.mode == "geo_mask":
+        lo, hi = is_config.bounds
+        assert lo is not None and hi is not None
+        options.append(("seq_mean_k1", row_mean(-u), math.log(1.0 / hi), math.log(1.0 / lo)))
+    if is_config is not None and is_config.trust_region is not None:
+        div = 0.5 * u * u if is_config.trust_region_div == "k2" else torch.expm1(u) - u  # (B, T)
+        worst = torch.where(mask, div, -math.inf).amax(-1)  # (B,)
+        options.append(
+            (
+                f"seq_max_{is_config.trust_region_div}",
+                torch.where(has, worst, 0.0),
+                None,
+                is_config.trust_region,
+            )
+        )
+    final_keep = torch.ones_like(has)  # (B,)
+    for name, stat, lower, upper in options:
+        keep = stat <= upper if lower is None else (stat >= lower) & (stat <= upper)  # (B,)
+        final_keep &= keep
+        sv = stat[has]
+        low_m = 0.0 if lower is None else lower
+        clipped = stat.clamp(low_m, upper)[:, None].expand_as(m)  # (B, T)
+        c_mean = tok_mean(clipped)
+        p = f"rollout_rs_{name}_"
+        out |= {
+            p + "mean": tok_mean(stat[:, None].expand_as(m)),
+            p + "max": sv.max(),
+            p + "min": sv.min(),
+            p + "fraction_high": (sv > upper).double().mean(),
+            p + "fraction_low": (sv < lower).double().mean() if lower is not None else torch.zeros(()),
+            p + "std": (tok_mean(clipped**2) - c_mean**2).clamp_min(0).sqrt()
+            if n_all > 1
+            else torch.zeros(()),
+            p + "seq_mean": sv.mean(),
+            p + "seq_std": sv.std() if sv.numel() > 1 else torch.zeros(()),
+            p + "seq_max": sv.max(),
+            p + "seq_min": sv.min(),
+            p + "seq_max_deviation": sv.abs().max(),
+            p + "seq_fraction_high": (sv > upper).double().mean(),
+        }
+        if lower is not None:
+            out[p + "seq_fraction_low"] = (sv < lower).double().mean()
+        out[p + "masked_fraction"] = tok_mean((~keep).double()[:, None].expand_as(m))
+        out[p + "seq_masked_fraction"] = (~keep & has).double().sum() / has.double().sum()
+    if options:
+        out["rollout_rs_masked_fraction"] = tok_mean((~final_keep).double()[:, None].expand_as(m))
+        out["rollout_rs_seq_masked_fraction"] = (~final_keep & has).double().mean()
+    values = torch.stack([v.double().reshape(()) for v in out.values()]).tolist()
+    return {f"rollout_corr/{k}": v for k, v in zip(out, values, strict=True)}
 
 
 def mean_ci(x: torch.Tensor, confidence: float = 0.95) -> tuple[float, float, float]:

@@ -32,7 +32,11 @@ The loss (one function, every variant a keyword)::
 
 with ``w`` the detached IS weights (1 when None), ``A`` the sequence's advantage broadcast over its tokens, and
 the normaliser the number of kept tokens (``token_mean``) or, for ``seq_mean``, the mean over kept sequences of
-each sequence's token mean. ``log π`` is whatever the caller computed — with DVP, ``workbench.dvp.token_logprobs``
+each sequence's token mean (also verl's ``token_sum`` and ``seq_mean_token_sum``). Two choices reproduce the
+peers (:data:`PEER_LOSS`, lessons/switching.md): ``norm_mask`` — tokens a mask window zeroed stay in the
+normaliser, as in verl's IcePop and TRL's ``*_mask`` modes (default: they leave it, the loss is then the mean over
+the tokens that carry a gradient) — and ``dual_clip`` — verl's cap ``c·|A|`` on a negative-advantage token's loss
+(default off: TRL has none, and the plain clip is the PPO the paper's ablations use). ``log π`` is whatever the caller computed — with DVP, ``workbench.dvp.token_logprobs``
 (``log π^mp``), whose gradient only flows through the safe set.
 
 Example:
@@ -55,6 +59,7 @@ from workbench.importance import ISConfig
 __all__ = [
     "BATCH_METRIC_DOCS",
     "LOSS_METRIC_DOCS",
+    "PEER_LOSS",
     "CorrectedBatch",
     "corrected_batch",
     "grpo_advantages",
@@ -62,7 +67,12 @@ __all__ = [
     "rloo_advantages",
 ]
 
-LOSS_AGGS = ("token_mean", "seq_mean")
+LOSS_AGGS = ("token_mean", "seq_mean", "token_sum", "seq_mean_token_sum")
+"""Loss aggregations; verl's ``loss_agg_mode`` names: token-mean, seq-mean-token-mean, token-sum,
+seq-mean-token-sum."""
+LOSS_NORMS = ("kept", "valid")
+"""Which tokens the normaliser counts: ``kept`` (default: tokens in the loss) or ``valid`` (also the tokens a
+``token_mis`` / ``seq_mis`` window zeroed — verl's IcePop and TRL's ``*_mask`` modes; ``ISResult.zeroed``)."""
 LOSS_TYPES = ("pg", "ppo_clip")
 _PPO_LOG_RATIO_CLAMP = 20.0  # clamp log π − log π_old before exp, as for IS ratios (THEORY)
 
@@ -79,6 +89,32 @@ LOSS_METRIC_DOCS: dict[str, str] = {
 }
 
 ADVANTAGES = ("rloo", "grpo")
+
+PEER_LOSS: dict[str, dict[str, object]] = {
+    # verl 0.9.1 actor defaults: PPO clip 0.2, clip_ratio_c 3.0, loss_agg_mode token-mean; IcePop zeros and
+    # the rejected samples' rewards stay (response_mask keeps them; RLOO/GRPO see the whole group)
+    "verl-0.9.1": {
+        "loss_type": "ppo_clip",
+        "clip_eps": 0.2,
+        "dual_clip": 3.0,
+        "agg": "token_mean",
+        "loss_norm": "valid",
+        "rejected_in_baseline": True,
+    },
+    # TRL 1.16 GRPOConfig defaults: loss_type "dapo" (token sum over the generation batch's tokens), epsilon 0.2,
+    # delta None (no dual clip); the IS ratio multiplies the loss, the completion mask is unchanged
+    "trl-1.16": {
+        "loss_type": "ppo_clip",
+        "clip_eps": 0.2,
+        "dual_clip": None,
+        "agg": "token_mean",
+        "loss_norm": "valid",
+        "rejected_in_baseline": True,
+    },
+}
+"""Loss settings (:class:`workbench.trainer.RLOOConfig` fields) that reproduce a peer's loss; the IS weights that
+go with them are :data:`workbench.importance.PEER_PRESETS`. The advantage estimator stays the user's choice in
+both peers (verl ``adv_estimator``, TRL's GRPO vs RLOO trainer)."""
 BATCH_METRIC_DOCS: dict[str, str] = {
     "dvp/boundary_tokens": "sampled tokens outside the trainer's safe set at the training ρ (dropped from the "
     "loss when drop_boundary_tokens, and left out of every mismatch/* metric: their masked log-prob is a "
@@ -216,6 +252,8 @@ def _check_loss_inputs(
     loss_type: str,
     logp_old: torch.Tensor | None,
     clip_eps: float,
+    dual_clip: float | None = None,
+    norm_mask: torch.Tensor | None = None,
 ) -> None:
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
         got = (tuple(logp.shape), logp.dtype) if isinstance(logp, torch.Tensor) else type(logp).__name__
@@ -254,6 +292,20 @@ def _check_loss_inputs(
         raise ValueError(
             f"policy_loss: logp_old must have shape {(b, t)} or be None, got {getattr(logp_old, 'shape', logp_old)!r}."
         )
+    if dual_clip is not None:
+        ok = isinstance(dual_clip, (int, float)) and not isinstance(dual_clip, bool)
+        if not ok or not math.isfinite(dual_clip) or dual_clip <= 1.0 or loss_type != "ppo_clip":
+            raise ValueError(
+                f"policy_loss: dual_clip={dual_clip!r} must be a finite number > 1 with loss_type='ppo_clip' "
+                "(verl's clip_ratio_c, default 3.0), or None for no dual clip."
+            )
+    if norm_mask is not None:
+        ok = isinstance(norm_mask, torch.Tensor) and norm_mask.dtype == torch.bool
+        if not ok or norm_mask.shape != logp.shape or bool((mask & ~norm_mask).any()):
+            raise ValueError(
+                "policy_loss: norm_mask must be a bool tensor of logp's shape that contains every kept (mask=True) "
+                "token — e.g. keep | ISResult.zeroed — or None to normalise by the kept tokens."
+            )
     # one device sync for all value checks on the positions that reach the loss
     checks = [~torch.isfinite(advantages).all(), ~torch.isfinite(logp.detach()[mask]).all()]
     if weights is not None:
@@ -287,6 +339,8 @@ def policy_loss(
     loss_type: str = "pg",
     logp_old: torch.Tensor | None = None,
     clip_eps: float = 0.2,
+    dual_clip: float | None = None,
+    norm_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy-gradient loss from token log-probs, sequence advantages, detached IS weights and a keep mask.
 
@@ -296,12 +350,19 @@ def policy_loss(
         advantages: ``[B]`` one advantage per sequence (treated as a constant).
         mask: ``[B, T]`` bool, True for tokens in the loss (``ISResult.keep``).
         weights: ``[B, T]`` IS weights (``ISResult.weights``) or None for 1; detached here, never differentiated.
-        agg: ``"token_mean"`` (divide by the number of kept tokens in the batch) or ``"seq_mean"`` (mean over
-            kept sequences of each sequence's token mean).
+        agg: ``"token_mean"`` (divide by the number of kept tokens in the batch), ``"seq_mean"`` (mean over
+            kept sequences of each sequence's token mean), ``"token_sum"`` (no division) or
+            ``"seq_mean_token_sum"`` (mean over kept sequences of each sequence's token sum) — verl's
+            ``token-mean``, ``seq-mean-token-mean``, ``token-sum``, ``seq-mean-token-sum``.
         loss_type: ``"pg"`` (REINFORCE: ``−w·A·log π``) or ``"ppo_clip"`` (``−w·min(ρA, clip(ρ, 1±ε)A)``).
         logp_old: ``[B, T]`` reference log-probs for the PPO ratio (detached). Required by ``ppo_clip``;
             accepted and ignored by ``pg`` so a caller can always pass it.
         clip_eps: PPO clip range ε in (0, 1).
+        dual_clip: ppo_clip only: verl's dual clip ``c > 1`` (``clip_ratio_c``, 3.0 in verl): a token with a
+            negative advantage loses at most ``c·|A|`` (surrogate ``max(min(ρA, clip(ρ)A), c·A)`` for A < 0).
+            None (default) keeps the plain PPO clip, as TRL does.
+        norm_mask: ``[B, T]`` bool, the tokens the normaliser counts (⊇ ``mask``; the extra ones contribute 0 to
+            the sum). None (default) counts the kept tokens; ``keep | ISResult.zeroed`` is verl's/TRL's rule.
 
     Returns:
         ``(loss, stats)``: a scalar loss (an exact 0 that still backpropagates zeros when no token is kept) and
@@ -319,7 +380,9 @@ def policy_loss(
     >>> stats["loss/kept_tokens"], stats["loss/all_rejected"]
     (3.0, 0.0)
     """
-    _check_loss_inputs(logp, advantages, mask, weights, agg, loss_type, logp_old, clip_eps)
+    _check_loss_inputs(
+        logp, advantages, mask, weights, agg, loss_type, logp_old, clip_eps, dual_clip, norm_mask
+    )
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     adv = advantages.detach().to(logp.dtype)[:, None]  # (B, 1)
     lp = torch.where(mask, logp, zero)  # (B, T); NaN/inf on dropped positions never reach the graph
@@ -334,7 +397,10 @@ def policy_loss(
         ratio = log_ratio.exp()  # (B, T)
         surr = ratio * adv
         surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
-        per_tok = -(w * torch.minimum(surr, surr_clipped))  # (B, T)
+        objective = torch.minimum(surr, surr_clipped)  # (B, T)
+        if dual_clip is not None:  # verl: a negative-advantage token loses at most c·|A|
+            objective = torch.where(adv < 0, torch.maximum(objective, dual_clip * adv), objective)
+        per_tok = -(w * objective)  # (B, T)
         with torch.no_grad():
             n = mask.sum().clamp_min(1)
             extra = [
@@ -348,11 +414,17 @@ def policy_loss(
     kept_seq = tok_per_seq > 0  # (B,)
     n_tok = mask.sum()
     n_seq = kept_seq.sum()
+    norm = mask if norm_mask is None else norm_mask  # (B, T) the tokens the normaliser counts
+    norm_per_seq = norm.sum(-1)  # (B,)
     if agg == "token_mean":
-        loss = per_tok.sum() / n_tok.clamp_min(1)
+        loss = per_tok.sum() / norm.sum().clamp_min(1)
+    elif agg == "token_sum":
+        loss = per_tok.sum()
     else:
-        seq_loss = per_tok.sum(-1) / tok_per_seq.clamp_min(1)  # (B,) token mean per sequence (0 if none kept)
-        loss = seq_loss.sum() / n_seq.clamp_min(1)
+        seq_loss = per_tok.sum(-1)  # (B,) token sum per sequence (0 if none kept)
+        if agg == "seq_mean":
+            seq_loss = seq_loss / norm_per_seq.clamp_min(1)  # (B,) token mean per sequence
+        loss = seq_loss.sum() / (norm_per_seq > 0).sum().clamp_min(1)
 
     with torch.no_grad():
         values = [
@@ -382,6 +454,8 @@ class CorrectedBatch:
         advantages: ``[B]`` one advantage per sequence of this batch (0 for rejected sequences when computed
             from rewards).
         logp_old: ``[B, T]`` the detached trainer log-probs (the PPO ratio's reference).
+        zeroed: ``[B, T]`` bool; tokens a ``token_mis`` / ``seq_mis`` window zeroed (``ISResult.zeroed``, boundary
+            tokens out): the extra tokens of the ``valid`` normaliser.
         metrics: ``is/…`` (:data:`workbench.importance.IS_METRIC_DOCS`), ``mismatch/…``
             (:data:`workbench.metrics.MISMATCH_METRIC_DOCS`) and :data:`BATCH_METRIC_DOCS`.
     """
@@ -392,11 +466,26 @@ class CorrectedBatch:
     advantages: torch.Tensor
     logp_old: torch.Tensor
     metrics: dict[str, float]
+    zeroed: torch.Tensor | None = None
 
     def loss(
-        self, logp: torch.Tensor, *, agg: str = "token_mean", loss_type: str = "pg", clip_eps: float = 0.2
+        self,
+        logp: torch.Tensor,
+        *,
+        agg: str = "token_mean",
+        loss_type: str = "pg",
+        clip_eps: float = 0.2,
+        dual_clip: float | None = None,
+        norm: str = "kept",
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """:func:`policy_loss` of the differentiable ``logp [B, T]`` on this batch's loss inputs."""
+        """:func:`policy_loss` of the differentiable ``logp [B, T]`` on this batch's loss inputs.
+
+        ``norm``: ``"kept"`` (the normaliser counts the tokens in the loss) or ``"valid"`` (it also counts the
+        tokens a mask window zeroed: verl's IcePop, TRL's ``*_mask`` modes); see :data:`LOSS_NORMS`.
+        """
+        if norm not in LOSS_NORMS:
+            raise ValueError(f"CorrectedBatch.loss: norm={norm!r} must be one of {LOSS_NORMS}.")
+        norm_mask = None if norm == "kept" or self.zeroed is None else self.keep | self.zeroed
         return policy_loss(
             logp,
             self.advantages,
@@ -406,6 +495,8 @@ class CorrectedBatch:
             loss_type=loss_type,
             logp_old=self.logp_old,
             clip_eps=clip_eps,
+            dual_clip=dual_clip,
+            norm_mask=norm_mask,
         )
 
 
@@ -425,6 +516,8 @@ def corrected_batch(
     is_weights: torch.Tensor | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rows: slice | None = None,
+    rejected_in_baseline: bool = False,
+    verl_metrics: bool = False,
 ) -> CorrectedBatch:
     """IS weights → boundary tokens dropped → advantages → loss inputs → metrics, for one batch.
 
@@ -455,6 +548,12 @@ def corrected_batch(
         gather: maps this batch's ``[B]`` sequence-keep mask to the ``[N]`` one of the whole generation batch
             (TRL across processes); None: identity.
         rows: this batch's rows within the ``[N]`` advantages (TRL's process slice); None: all.
+        rejected_in_baseline: keep the rewards of rejected (masked, vetoed, trust-region) samples in their
+            group's baseline, as verl and TRL do; their tokens stay out of the loss either way. Default False:
+            the project's choice (module docstring, "Rejected samples").
+        verl_metrics: also emit verl's ``rollout_corr/…`` metrics with verl's definitions
+            (:func:`workbench.metrics.verl_rollout_corr_metrics`, keys in
+            :data:`workbench.metrics.VERL_METRIC_DOCS`), on the same tokens as ``mismatch/…``.
 
     Returns:
         A :class:`CorrectedBatch`.
@@ -496,6 +595,7 @@ def corrected_batch(
 
     # 1. IS weights and keep mask
     out: dict[str, float] = {}
+    zeroed = torch.zeros_like(mask)
     if logp_infer is None:
         weights = (
             torch.ones_like(logp_old, dtype=torch.float32) if is_weights is None else is_weights.detach()
@@ -505,17 +605,21 @@ def corrected_batch(
     else:
         res = is_config.apply(logp_old, logp_infer, mask)
         weights, keep, seq_keep = res.weights, res.keep, res.seq_keep
+        if res.zeroed is not None:
+            zeroed = res.zeroed
         out.update(res.stats)
     # 2. boundary tokens out of the loss
     if drop_boundary:
         keep = keep & ~boundary  # (B, T)
+        zeroed = zeroed & ~boundary  # (B, T)
     seq_keep = seq_keep & keep.any(-1)  # (B,)
     weights = torch.where(keep, weights, 0.0)  # (B, T)
 
     # 3. advantages: rejected (and unscorable) samples leave the baseline
     if rewards is not None:
         assert k is not None
-        valid = (seq_keep if gather is None else gather(seq_keep)) & ~torch.isnan(rewards)  # (N,)
+        in_baseline = torch.ones_like(seq_keep) if rejected_in_baseline else seq_keep  # (B,)
+        valid = (in_baseline if gather is None else gather(in_baseline)) & ~torch.isnan(rewards)  # (N,)
         scores = torch.nan_to_num(rewards, nan=0.0)  # (N,)
         if advantage == "rloo":
             adv = rloo_advantages(scores, k, valid=valid)
@@ -529,7 +633,15 @@ def corrected_batch(
         agree = mask & ~boundary  # (B, T)
         out.update(metrics.mismatch_metrics(logp_old, logp_infer, agree))
         out.update(metrics.sampled_tail_delta(logp_old, logp_infer, agree))
+        if verl_metrics:
+            out.update(metrics.verl_rollout_corr_metrics(logp_old, logp_infer, agree, is_config))
     out["dvp/boundary_tokens"] = float(boundary.sum())
     return CorrectedBatch(
-        weights=weights, keep=keep, seq_keep=seq_keep, advantages=advantages, logp_old=logp_old, metrics=out
+        weights=weights,
+        keep=keep,
+        seq_keep=seq_keep,
+        advantages=advantages,
+        logp_old=logp_old,
+        metrics=out,
+        zeroed=zeroed,
     )

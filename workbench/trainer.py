@@ -44,8 +44,15 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench import dvp, metrics, models
-from workbench.importance import IS_METRIC_DOCS, ISConfig
-from workbench.rloo import BATCH_METRIC_DOCS, LOSS_METRIC_DOCS, corrected_batch
+from workbench.importance import IS_METRIC_DOCS, PEER_PRESETS, ISConfig
+from workbench.rloo import (
+    BATCH_METRIC_DOCS,
+    LOSS_AGGS,
+    LOSS_METRIC_DOCS,
+    LOSS_NORMS,
+    PEER_LOSS,
+    corrected_batch,
+)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SCHEDULES = ("constant", "linear", "cosine")
@@ -119,7 +126,21 @@ class RLOOConfig:
     clip_eps: float = 0.2
     """PPO clip range."""
     agg: str = "token_mean"
-    """Loss aggregation: ``token_mean`` or ``seq_mean``."""
+    """Loss aggregation (``workbench.rloo.LOSS_AGGS``): ``token_mean`` (verl's and TRL's default), ``seq_mean``
+    (verl ``seq-mean-token-mean``, TRL ``grpo``), ``token_sum`` or ``seq_mean_token_sum`` (verl's)."""
+    dual_clip: float | None = None
+    """``ppo_clip`` only: verl's dual clip ``c > 1`` (``clip_ratio_c``, 3.0 in verl): a negative-advantage token
+    loses at most ``c·|A|``. ``None`` (default: plain PPO, as TRL and the paper's ablations) disables it."""
+    loss_norm: str = "kept"
+    """The loss normaliser: ``kept`` (default: tokens in the loss — a masked token carries no gradient, so it
+    leaves the mean) or ``valid`` (tokens a ``token_mis`` / ``seq_mis`` window zeroed stay in it with weight 0:
+    verl's IcePop, TRL's ``*_mask`` modes)."""
+    rejected_in_baseline: bool = False
+    """Keep rejected samples' rewards in their group's baseline (verl, TRL). Default False: the project's
+    choice — a reward earned by a sequence the correction declared untrustworthy moves no one's advantage."""
+    verl_metrics: bool = False
+    """Also log verl 0.9.1's ``rollout_corr/…`` metrics with verl's definitions
+    (``workbench.metrics.VERL_METRIC_DOCS``), to overlay a run on a verl dashboard."""
     train_dtype: str = "fp32"
     """Trainer precision: ``fp32`` | ``bf16``."""
     device: str = "cpu"
@@ -198,8 +219,14 @@ class RLOOConfig:
             )
         if not 0 < self.clip_eps < 1:
             raise bad("clip_eps", self.clip_eps, "0 < clip_eps < 1", "0.2 is the usual PPO value.")
-        if self.agg not in ("token_mean", "seq_mean"):
-            raise bad("agg", self.agg, "'token_mean' or 'seq_mean'", "")
+        if self.agg not in LOSS_AGGS:
+            raise bad("agg", self.agg, str(LOSS_AGGS), "")
+        if self.loss_norm not in LOSS_NORMS:
+            raise bad("loss_norm", self.loss_norm, str(LOSS_NORMS), "'valid' is verl's and TRL's rule.")
+        if self.dual_clip is not None and not (
+            self.loss_type == "ppo_clip" and math.isfinite(self.dual_clip) and self.dual_clip > 1
+        ):
+            raise bad("dual_clip", self.dual_clip, "> 1 with loss_type='ppo_clip', or None", "verl uses 3.0.")
         if self.train_dtype not in ("fp32", "bf16"):
             raise bad("train_dtype", self.train_dtype, "'fp32' or 'bf16'", "")
         try:
@@ -246,6 +273,39 @@ class RLOOConfig:
             trust_region=self.trust_region,
             trust_region_div=self.trust_region_div,
         )
+
+    @classmethod
+    def reproducing(cls, preset: str, **overrides: Any) -> RLOOConfig:
+        """A config whose weights, loss and baseline reproduce a peer on the same batch (lessons/switching.md).
+
+        ``preset`` is a key of :data:`workbench.importance.PEER_PRESETS` — ``"verl-0.9.1-default"``,
+        ``"verl-0.9.1-RolloutCorrectionConfig"``, ``"trl-1.16-token_truncate"`` / ``token_mask`` /
+        ``sequence_truncate`` / ``sequence_mask``: its IS settings, the loss settings of
+        :data:`workbench.rloo.PEER_LOSS`, the peers' baseline (rejected samples in), no DVP (``rho=None``) and,
+        for verl, ``verl_metrics``. ``overrides`` set any other field (e.g. ``rho`` to add DVP back).
+
+        >>> cfg = RLOOConfig.reproducing("trl-1.16-sequence_mask")
+        >>> cfg.is_mode, cfg.is_lo, cfg.is_hi, cfg.veto, cfg.loss_norm, cfg.dual_clip
+        ('seq_mis', 0.0, 3.0, None, 'valid', None)
+        """
+        if preset not in PEER_PRESETS:
+            raise ValueError(
+                f"RLOOConfig.reproducing: preset={preset!r} must be one of {list(PEER_PRESETS)}."
+            )
+        is_cfg = PEER_PRESETS[preset]
+        peer = "verl-0.9.1" if preset.startswith("verl") else "trl-1.16"
+        fields: dict[str, Any] = {
+            "rho": None,
+            "is_mode": is_cfg.mode,
+            "is_lo": is_cfg.lo,
+            "is_hi": is_cfg.hi,
+            "veto": is_cfg.veto,
+            "trust_region": is_cfg.trust_region,
+            "trust_region_div": is_cfg.trust_region_div,
+            **PEER_LOSS[peer],
+            "verl_metrics": peer.startswith("verl"),
+        }
+        return cls(**{**fields, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -592,13 +652,22 @@ class RLOOTrainer:
             rewards=rewards,
             k=cfg.k,
             advantage=cfg.advantage,
+            rejected_in_baseline=cfg.rejected_in_baseline,
+            verl_metrics=cfg.verl_metrics,
         )
         advantages, logp_old = batch.advantages, batch.logp_old  # (N,), (N, T)
         grad_norm = torch.zeros(())
         for epoch in range(cfg.ppo_epochs):
             if epoch > 0:
                 logp = self._token_stats(self._forward(rollout), rollout.tokens)[0].logp
-            loss, loss_stats = batch.loss(logp, agg=cfg.agg, loss_type=cfg.loss_type, clip_eps=cfg.clip_eps)
+            loss, loss_stats = batch.loss(
+                logp,
+                agg=cfg.agg,
+                loss_type=cfg.loss_type,
+                clip_eps=cfg.clip_eps,
+                dual_clip=cfg.dual_clip,
+                norm=cfg.loss_norm,
+            )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -90,8 +90,13 @@ ENV_VAR = "WORKBENCH_VERL_DVP"
 """Environment variable holding :class:`VerlDVPConfig` as JSON in every Ray worker."""
 PLUGIN_MODULE = "workbench.integrations.verl_plugin"
 """Module to list in ``VERL_USE_EXTERNAL_MODULES``; importing it calls :func:`install`."""
-VERL_AGG: dict[str, str] = {"token-mean": "token_mean", "seq-mean-token-mean": "seq_mean"}
-"""verl ``loss_agg_mode`` → :func:`workbench.rloo.policy_loss` ``agg`` (the two modes with a counterpart)."""
+VERL_AGG: dict[str, str] = {
+    "token-mean": "token_mean",
+    "seq-mean-token-mean": "seq_mean",
+    "token-sum": "token_sum",
+    "seq-mean-token-sum": "seq_mean_token_sum",
+}
+"""verl ``loss_agg_mode`` → :func:`workbench.rloo.policy_loss` ``agg`` (all but ``seq-mean-token-sum-norm``)."""
 OUTCOME_ESTIMATORS = (
     "rloo",
     "rloo_vectorized",
@@ -254,7 +259,7 @@ def verl_global_scale(
     Without global info (older verl, which rescales micro-batches itself) the factor is 1.
 
     Args:
-        agg: ``"token_mean"`` or ``"seq_mean"``.
+        agg: a :data:`VERL_AGG` value (``"token_mean"``, ``"seq_mean"``, ``"token_sum"``, ``"seq_mean_token_sum"``).
         kept_tokens: tokens in the local loss (``stats["loss/kept_tokens"]``).
         kept_seqs: sequences in the local loss (``stats["loss/kept_seqs"]``).
         global_batch_info: verl's ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` (any may be absent).
@@ -270,8 +275,12 @@ def verl_global_scale(
     if not global_batch_info:
         return 1.0
     dp = float(global_batch_info.get("dp_size") or 1)
+    if agg == "token_sum":
+        return dp  # verl: the local token sum times dp_size
     key, local = (
-        ("batch_num_tokens", kept_tokens) if agg == "token_mean" else ("global_batch_size", kept_seqs)
+        ("batch_num_tokens", kept_tokens)
+        if agg == "token_mean"
+        else ("global_batch_size", kept_seqs)  # seq_mean, seq_mean_token_sum
     )
     total = global_batch_info.get(key)
     if total is None:
@@ -704,6 +713,13 @@ def rollout_correction_for(is_config: ISConfig) -> dict[str, Any]:
     """
     mode = is_config.mode
     lo, hi = is_config.bounds
+    if (mode in ("token_tis", "seq_tis") and lo is not None) or (
+        mode in ("token_mis", "seq_mis") and lo == 0
+    ):
+        raise ValueError(
+            f"{mode} with lo={lo!r} (TRL's lower clip / open lower side) has no verl rollout_correction key; "
+            "verl truncates from above only and its IcePop window needs 0 < lo."
+        )
     if is_config.veto is not None and mode != "none":
         raise ValueError(
             f"ISConfig.veto={is_config.veto!r} has no verl rollout_correction key; set veto=None (DVP keeps the "
@@ -776,8 +792,9 @@ def dvp_policy_loss(
         log_prob: ``[B, T]`` current log-probs (differentiable).
         advantages: ``[B, T]`` token-broadcast outcome advantages.
         response_mask: ``[B, T]`` valid response tokens (verl's rejection sampling already applied).
-        loss_agg_mode: ``"token-mean"`` or ``"seq-mean-token-mean"``.
-        config: verl's actor config (``clip_ratio``, ``clip_ratio_low/high``, ``global_batch_info``).
+        loss_agg_mode: one of :data:`VERL_AGG`.
+        config: verl's actor config (``clip_ratio``, ``clip_ratio_low/high``, ``clip_ratio_c`` — verl's dual
+            clip, applied with ``ppo_clip`` as verl's vanilla loss does — and ``global_batch_info``).
         rollout_is_weights: ``[B, T]`` verl's rollout-correction weights (used as given when present).
         rollout_log_probs: ``[B, T]`` engine log-probs; when given without weights, the IS of ``settings``
             is applied here (old vs rollout), veto included.
@@ -796,7 +813,7 @@ def dvp_policy_loss(
     if loss_agg_mode not in VERL_AGG:
         raise ValueError(
             f"actor.loss_agg_mode={loss_agg_mode!r} is not supported by the {LOSS_MODE} loss; use one of "
-            f"{list(VERL_AGG)} (workbench agg token_mean / seq_mean)."
+            f"{list(VERL_AGG)} (workbench agg {list(VERL_AGG.values())})."
         )
     agg = VERL_AGG[loss_agg_mode]
     mask = response_mask.bool()  # (B, T)
@@ -823,7 +840,14 @@ def dvp_policy_loss(
         advantages=seq_adv,
         is_weights=None if in_loss_is else rollout_is_weights,
     )
-    loss, stats = batch.loss(log_prob.float(), agg=agg, loss_type=s.loss_type, clip_eps=float(high))
+    dual = _cfg_get(config, "clip_ratio_c") if s.loss_type == "ppo_clip" else None
+    loss, stats = batch.loss(
+        log_prob.float(),
+        agg=agg,
+        loss_type=s.loss_type,
+        clip_eps=float(high),
+        dual_clip=None if dual is None else float(dual),
+    )
     info = _cfg_get(config, "global_batch_info") or {}
     loss = loss * verl_global_scale(agg, stats["loss/kept_tokens"], stats["loss/kept_seqs"], info)
     return loss, {**batch.metrics, **stats}
