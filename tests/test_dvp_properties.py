@@ -1,18 +1,23 @@
 """Property-based tests for workbench.dvp (hypothesis): finiteness on hostile logits (±1e4, ties,
 all-equal rows, −inf entries, bf16/fp16), the ρ limits (ρ = 1 keeps only the argmax(es), ρ → 0 is
 the plain log-softmax), Z ∈ (0, 1], normalisation of π^mp, nested safe sets, fast == reference on
-every generated instance, and Proposition 4.2's bound |Δ_a| ≤ 2ε(1 − p_a e^{−2ε}) (THEORY.md)."""
+every generated instance, the fused LM head (lm_head_token_stats) equal to token_stats on the logits it
+makes, and Proposition 4.2's bound |Δ_a| ≤ 2ε(1 − p_a e^{−2ε}) (THEORY.md)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from workbench.dvp import (
     DEFAULT_RHO,
+    lm_head_token_logprobs,
+    lm_head_token_logprobs_reference,
+    lm_head_token_stats,
     masked_entropy_reference,
     retained_mass_reference,
     safe_mask,
@@ -104,6 +109,59 @@ def test_fast_path_equals_reference(z, rho, temperature, data):
     torch.testing.assert_close(stt.logz.exp(), retained_mass_reference(z, rho, **kw), rtol=scale, atol=atol)
     torch.testing.assert_close(stt.entropy, masked_entropy_reference(z, rho, **kw), rtol=scale, atol=atol)
     assert torch.equal(stt.safe_size, safe_set_size_reference(z, rho, **kw))
+
+
+@SETTINGS
+@given(
+    z=hostile_logits(neg_inf=False), rho=st.one_of(st.none(), rhos), temperature=temperatures, data=st.data()
+)
+def test_lm_head_is_token_stats_on_the_logits_it_makes(z, rho, temperature, data):
+    """Hidden states = identity and W = zᵀ make logits exactly z (±1e4, ties, flat rows): the fused head
+    then gives token_stats' numbers bit for bit, and d/dW is the logits' gradient transposed."""
+    rows, vocab = z.shape
+    tokens = torch.tensor(data.draw(st.lists(st.integers(0, vocab - 1), min_size=rows, max_size=rows)))
+    chunk = data.draw(st.sampled_from([1, 2, None]))
+    kw = {"temperature": temperature, "chunk_size": chunk}
+    hidden, w = torch.eye(rows, dtype=z.dtype), z.t().contiguous().requires_grad_(True)  # (R, R), (V, R)
+    x = z.clone().requires_grad_(True)
+    ref = token_stats(x, tokens, rho, **kw)
+    got = lm_head_token_stats(hidden, w, tokens, rho, **kw)
+    for name in ("logp", "logz", "entropy", "safe_size"):
+        assert torch.equal(getattr(got, name).detach(), getattr(ref, name).detach()), name
+    upstream = torch.linspace(-1.0, 2.0, rows, dtype=ref.logp.dtype)
+    (ref.logp * upstream).sum().backward()
+    (got.logp * upstream).sum().backward()
+    assert torch.equal(w.grad, x.grad.t())
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 12), st.integers(1, 40)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    scale=st.sampled_from([0.1, 3.0, 30.0]),
+    rho=st.one_of(st.none(), rhos),
+    temperature=temperatures,
+    chunk=st.sampled_from([1, 3, None]),
+)
+def test_lm_head_matches_reference_on_random_heads(seed, shape, dtype, scale, rho, temperature, chunk):
+    """Dense random heads (logits from a real matmul): values and both gradients as with full logits."""
+    rows, dim, vocab = shape
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, dim, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    w = (torch.randn(vocab, dim, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_(True)
+    tokens = torch.randint(0, vocab, (rows,), generator=g)
+    upstream = torch.randn(rows, generator=g, dtype=torch.float64)
+    ref = lm_head_token_logprobs_reference(h, w, tokens, rho, temperature=temperature)
+    ref_g = torch.autograd.grad((ref * upstream.to(ref.dtype)).sum(), [h, w])
+    got = lm_head_token_logprobs(h, w, tokens, rho, temperature=temperature, chunk_size=chunk)
+    got_g = torch.autograd.grad((got * upstream.to(got.dtype)).sum(), [h, w])
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    logit_scale = max(1.0, float(F.linear(h, w).detach().abs().max()) / temperature)
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * logit_scale)
+    for a, b in zip(got_g, ref_g, strict=True):
+        rtol = tol if dtype in (torch.float32, torch.float64) else 2e-2
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * (float(b.abs().max()) or 1.0) * 4)
 
 
 @SETTINGS

@@ -16,6 +16,11 @@ chunk from the saved logits and writes ``(onehot − π^mp) · g / T`` straight 
 autograd the only ``[N, V]`` tensor created is the gradient itself. Every fast function has a naive
 ``*_reference`` twin; the tests check they agree over shapes × dtypes, gradients included.
 
+:func:`lm_head_token_logprobs` / :func:`lm_head_token_stats` go one step further and start from the final
+hidden states and the output layer: the same pass runs on row blocks of logits made on the fly, and the
+backward pass (:class:`_HeadLogProb`) recomputes the logits over vocabulary tiles, so neither the ``[N, V]``
+logits nor their gradient ever exist.
+
 Choices, and why:
 
 1. **The mask value is finite:** masked logits become ``max(z) − MASK_MARGIN`` with ``MASK_MARGIN = 1000``
@@ -50,7 +55,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +67,10 @@ __all__ = [
     "DEFAULT_RHO",
     "MASK_MARGIN",
     "TokenStats",
+    "fused_token_logprobs",
+    "lm_head_token_logprobs",
+    "lm_head_token_logprobs_reference",
+    "lm_head_token_stats",
     "log_rho_cut",
     "masked_entropy",
     "masked_entropy_reference",
@@ -154,20 +163,21 @@ def _check_logits(logits: torch.Tensor) -> None:
         )
 
 
-def _check_tokens(tokens: torch.Tensor, logits: torch.Tensor) -> None:
+def _check_tokens(tokens: torch.Tensor, rows: torch.Tensor, vocab: int, name: str = "logits") -> None:
+    """``tokens``: integer ids in ``[0, vocab)``, one per row of ``rows`` (``[..., V]`` logits or ``[..., H]``
+    hidden states, called ``name`` in the messages), on its device."""
     if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
         got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be an integer tensor of token ids (got {got}); pass tokens.long()")
-    if tokens.shape != logits.shape[:-1]:
+    if tokens.shape != rows.shape[:-1]:
         raise ValueError(
-            f"tokens.shape={tuple(tokens.shape)} must equal logits.shape[:-1]={tuple(logits.shape[:-1])} "
-            "(one token id per logits row); for causal LMs pair logits[:, :-1] with ids[:, 1:]"
+            f"tokens.shape={tuple(tokens.shape)} must equal {name}.shape[:-1]={tuple(rows.shape[:-1])} "
+            f"(one token id per {name} row); for causal LMs pair {name}[:, :-1] with ids[:, 1:]"
         )
-    if tokens.device != logits.device:
+    if tokens.device != rows.device:
         raise ValueError(
-            f"tokens are on {tokens.device} but logits on {logits.device}; move both to one device"
+            f"tokens are on {tokens.device} but {name} on {rows.device}; move both to one device"
         )
-    vocab = logits.shape[-1]
     if tokens.numel():
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= vocab:
@@ -243,6 +253,30 @@ def _pruned_fill(rho: float, vocab: int, dtype: torch.dtype) -> float:
     return floor if log_rho_cut(rho, dtype) - math.log(vocab) > floor + 1.0 else -math.inf
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """The constants of the safe-set cut for one ``(ρ, V, compute dtype)``, shared by forward and backward."""
+
+    rho: float | None
+    log_rho: float  # log ρ rounded to the compute dtype (log_rho_cut); unused without ρ
+    below: float  # the largest number < log ρ: threshold_(s, below, fill) parks s < log ρ at fill
+    fill: float  # where pruned shifted logits are parked before exp (_pruned_fill)
+    floor: float  # where tail logits are clamped before exp (_exp_floor)
+    zero_below: float  # exp(fill): backward values ≤ this are pruned tokens, zeroed exactly
+
+    @classmethod
+    def of(cls, rho: float | None, vocab: int, dtype: torch.dtype) -> _Cut:
+        floor = _exp_floor(vocab, dtype)
+        if rho is None:
+            return cls(rho, -math.inf, -math.inf, floor, floor, 0.0)
+        lr, fill = log_rho_cut(rho, dtype), _pruned_fill(rho, vocab, dtype)
+        return cls(rho, lr, _below(lr, dtype), fill, floor, float(torch.tensor(fill, dtype=dtype).exp()))
+
+    def park_(self, s: torch.Tensor) -> torch.Tensor:
+        """In place: shifted logits ``s`` outside ``V_S`` to ``fill``, the far tail up to ``floor`` (fast ``exp``)."""
+        return F.threshold_(s, self.below, self.fill) if self.rho is not None else s.clamp_(min=self.floor)
+
+
 def _auto_chunk(vocab: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return int(chunk_size)
@@ -311,6 +345,7 @@ class _Pass:
     logz: torch.Tensor | None = None  # (N,) log Z
     entropy: torch.Tensor | None = None  # (N,) H(π^mp)
     safe_size: torch.Tensor | None = None  # (N,) |V_S|
+    row_cut: torch.Tensor | None = None  # (N, 1) a cut between the pruned and the kept shifted logits
 
 
 def _fused_pass(
@@ -322,63 +357,95 @@ def _fused_pass(
     *,
     stats: bool,
 ) -> _Pass:
-    """:func:`_fused_pass_impl` with autocast off: every dtype here is chosen explicitly."""
+    """:func:`_blocks_pass` over the rows of ``logits``, with autocast off: every dtype is chosen explicitly."""
+    vocab = logits.shape[-1]
+    n = logits.numel() // vocab
+    chunk = min(_auto_chunk(vocab, chunk_size), max(n, 1))
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return _fused_pass_impl(logits, tokens, rho, temperature, chunk_size, stats=stats)
+        return _blocks_pass(
+            _row_blocks(logits, chunk),
+            (n, vocab),
+            logits.dtype,
+            logits.device,
+            chunk,
+            tokens,
+            rho,
+            temperature,
+            stats=stats,
+        )
 
 
-def _fused_pass_impl(
-    logits: torch.Tensor,
+def _blocks_pass(
+    blocks: Iterable[tuple[int, torch.Tensor]],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk: int,
     tokens: torch.Tensor | None,
     rho: float | None,
     temperature: float,
-    chunk_size: int | None,
     *,
     stats: bool,
+    scratch: bool = False,
+    row_cut: bool = False,
 ) -> _Pass:
-    """One pass over row chunks; ``tokens`` is ``(N,)`` int64 or None (then token outputs are junk).
+    """One pass over ``(first_row, [≤ chunk, V] block)`` pairs covering ``n`` rows of ``dtype`` logits.
 
-    Per chunk, all in one reused ``[chunk, V]`` workspace ``s`` (plus, for ``stats``, one bool block):
+    ``tokens`` is ``(N,)`` int64 or None (then token outputs are junk). The blocks come from the logits
+    (:func:`_row_blocks`) or are made on the fly from hidden states (:func:`_head_row_blocks`). Per block,
+    all in one reused ``[chunk, V]`` workspace ``s`` (plus, for ``stats``, one bool block):
     ``s = z/T − max`` → gather the tokens' ``s`` → cut ``s < log ρ`` (one in-place ``threshold_``) →
     ``exp_`` → row sums. Nothing else of size ``[chunk, V]`` is allocated (the tests check this).
+    ``shape`` is ``(N, V)``; ``dtype`` and ``device`` are the blocks'. With ``scratch`` the blocks are
+    throwaway buffers the pass may overwrite, and fp32/fp64 ones serve as the workspace themselves.
+    With ``row_cut`` (and ρ) each row also gets the midpoint between its largest pruned and smallest kept
+    shifted logit, for a backward pass that recomputes the logits (:func:`_grad_logits_into`).
     """
-    vocab = logits.shape[-1]
-    n = logits.numel() // vocab
-    dev, cdt = logits.device, _compute_dtype(logits.dtype)
-    chunk = min(_auto_chunk(vocab, chunk_size), max(n, 1))
-    work = torch.empty(chunk, vocab, dtype=cdt, device=dev)  # (chunk, V) the one fp32 workspace
+    n, vocab = shape
+    cdt = _compute_dtype(dtype)
+    k = _Cut.of(rho, vocab, cdt)
+    in_place = scratch and dtype == cdt
+    work = None if in_place else torch.empty(chunk, vocab, dtype=cdt, device=device)  # (chunk, V)
     pruned_work = (
-        torch.empty(chunk, vocab, dtype=torch.bool, device=dev) if stats and rho is not None else None
+        torch.empty(chunk, vocab, dtype=torch.bool, device=device) if stats and rho is not None else None
     )
-    m_all = torch.empty(n, 1, dtype=cdt, device=dev)
-    s_tok = torch.zeros(n, dtype=cdt, device=dev)  # shifted logit of each token
-    s_kept = torch.empty(n, 1, dtype=cdt, device=dev)  # Σ_{V_S} exp(s)
+    m_all = torch.empty(n, 1, dtype=cdt, device=device)
+    row_cut = row_cut and rho is not None
+    if row_cut:
+        hi_pruned = torch.empty(n, 1, dtype=cdt, device=device)
+        lo_kept = torch.empty(n, 1, dtype=cdt, device=device)
+        side = torch.empty(chunk, vocab, dtype=cdt, device=device)  # (chunk, V) one side of the cut
+        below_cut = torch.empty(chunk, vocab, dtype=torch.bool, device=device)
+        inf = torch.tensor(math.inf, dtype=cdt, device=device)
+    s_tok = torch.zeros(n, dtype=cdt, device=device)  # shifted logit of each token
+    s_kept = torch.empty(n, 1, dtype=cdt, device=device)  # Σ_{V_S} exp(s)
     if stats:
-        s_all = torch.empty(n, 1, dtype=cdt, device=dev)  # Σ_V exp(s)
-        e_log_e = torch.empty(n, 1, dtype=cdt, device=dev)  # Σ_{V_S} exp(s) · s
-        size = torch.full((n,), vocab, dtype=torch.long, device=dev)
-    floor = _exp_floor(vocab, cdt)
-    if rho is not None:
-        lr = log_rho_cut(rho, cdt)
-        cut, fill = _below(lr, cdt), _pruned_fill(rho, vocab, cdt)
-    for i, block in _row_blocks(logits, chunk):
+        s_all = torch.empty(n, 1, dtype=cdt, device=device)  # Σ_V exp(s)
+        e_log_e = torch.empty(n, 1, dtype=cdt, device=device)  # Σ_{V_S} exp(s) · s
+        size = torch.full((n,), vocab, dtype=torch.long, device=device)
+    for i, block in blocks:
         c = block.shape[0]
-        s = work[:c]  # (c, V) shifted logits z / T − m
+        s = block if in_place else work[:c]  # (c, V) shifted logits z / T − m
         m_all[i : i + c] = _shift_into(block, temperature, s)
         if tokens is not None:
             s_tok[i : i + c] = s.gather(1, tokens[i : i + c, None]).squeeze(1)
+        if row_cut:  # the largest pruned and the smallest kept shifted logit
+            torch.lt(s, k.log_rho, out=below_cut[:c])
+            torch.amax(
+                torch.where(below_cut[:c], s, -inf, out=side[:c]), -1, keepdim=True, out=hi_pruned[i : i + c]
+            )
+            torch.amin(
+                torch.where(below_cut[:c], inf, s, out=side[:c]), -1, keepdim=True, out=lo_kept[i : i + c]
+            )
         if not stats:
-            if rho is not None:
-                F.threshold_(s, cut, fill)  # s < log ρ  ->  fill (≤ floor): exp is ≈ 0 and fast
-            else:
-                s.clamp_(min=floor)  # tail below e^floor: numerically nothing, and exp stays fast
-            torch.sum(s.exp_(), -1, keepdim=True, out=s_kept[i : i + c])
+            # pruned -> fill (≤ floor): exp is ≈ 0 and fast; without ρ the tail is clamped to the floor
+            torch.sum(k.park_(s).exp_(), -1, keepdim=True, out=s_kept[i : i + c])
             continue
         # stats: every op is in place or reduces to [c]; the bool block marks pruned tokens exactly
         if rho is not None:
             pruned = pruned_work[:c]  # (c, V) bool
-            torch.lt(s, lr, out=pruned)
-        e = s.clamp_(min=floor).exp_()  # (c, V) exp(z/T − m), in place
+            torch.lt(s, k.log_rho, out=pruned)
+        e = s.clamp_(min=k.floor).exp_()  # (c, V) exp(z/T − m), in place
         torch.sum(e, -1, keepdim=True, out=s_all[i : i + c])
         if rho is not None:
             e.masked_fill_(pruned, 0.0)  # exactly zero outside V_S
@@ -393,12 +460,14 @@ def _fused_pass_impl(
         _raise_nonfinite(n_bad)
     log_s = s_kept.log_()  # (N, 1)
     if rho is None:
-        keep_tok = torch.ones(n, dtype=torch.bool, device=dev)
+        keep_tok = torch.ones(n, dtype=torch.bool, device=device)
         logp = s_tok - log_s.squeeze(1)
     else:
-        keep_tok = s_tok >= lr
+        keep_tok = s_tok >= k.log_rho
         logp = torch.where(keep_tok, s_tok, -MASK_MARGIN) - log_s.squeeze(1)
     out = _Pass(logp=logp, m=m_all, log_s=log_s, keep_tok=keep_tok)
+    if row_cut:  # nothing pruned: hi = −inf, and so is the cut
+        out.row_cut = torch.where(hi_pruned > -math.inf, (hi_pruned + lo_kept) / 2, -math.inf)
     if stats:
         log_s_all = s_all.log_()
         out.logz = (
@@ -408,6 +477,44 @@ def _fused_pass_impl(
         out.entropy = (log_s - e_log_e / log_s.exp()).clamp_(min=0.0).squeeze(1)
         out.safe_size = size
     return out
+
+
+def _grad_logits_into(
+    block: torch.Tensor,
+    out: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    coef: torch.Tensor,
+    tok_idx: torch.Tensor,
+    tok_coef: torch.Tensor,
+    temperature: float,
+    k: _Cut,
+    row_cut: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write ``d(Σ g · log π^mp(tokens)) / d block`` into ``out``: ``coef · (onehot − π^mp)``, ``coef = g / T``.
+
+    ``block`` is any ``[r, c]`` piece of the logits (full rows, or a column tile of every row): ``m`` and
+    ``log_s`` are its rows' max and ``log Σ_{V_S}`` from the forward pass (``[r, 1]``), ``coef`` is
+    ``[r, 1]``, and the one-hot part adds ``tok_coef [r, 1]`` at column ``tok_idx [r, 1]`` of each row
+    (zero weight where the token is pruned or, for a tile, lies outside it). Recomputes ``π^mp`` in place.
+
+    ``row_cut`` (``[r, 1]``, from the forward pass) replaces ``log ρ`` as the cut when ``block`` is
+    recomputed rather than the very logits the forward pass saw: a matmul of another shape may round a
+    logit differently (by an ulp or so), which must not move it across the cut — least of all the
+    argmax, which sits exactly on the cut when ρ = 1. A cut halfway between the row's largest pruned and
+    smallest kept shifted logit gives the forward pass's safe set unless rounding moves a logit by half
+    that gap.
+    """
+    _shift_into(block, temperature, out, m)
+    if row_cut is None:
+        k.park_(out)
+    else:
+        out.masked_fill_(out < row_cut, k.fill)
+    out.sub_(log_s).exp_()  # π^mp
+    if k.zero_below > 0:
+        F.threshold_(out, k.zero_below, 0.0)  # exactly 0 outside V_S: no gradient leaks there
+    out.mul_(-coef)
+    return out.scatter_add_(1, tok_idx, tok_coef)
 
 
 class _MaskedLogProb(torch.autograd.Function):
@@ -430,11 +537,7 @@ class _MaskedLogProb(torch.autograd.Function):
         res = _fused_pass(logits, tokens, rho, temperature, chunk_size, stats=stats)
         ctx.save_for_backward(logits, tokens, res.m, res.log_s, res.keep_tok)
         ctx.rho, ctx.temperature, ctx.chunk_size = rho, temperature, chunk_size
-        if not stats:
-            return (res.logp,)
-        extra = (res.logz, res.entropy, res.safe_size)
-        ctx.mark_non_differentiable(*extra)
-        return (res.logp, *extra)
+        return _outputs(ctx, res, stats)
 
     @staticmethod
     @once_differentiable
@@ -445,6 +548,15 @@ class _MaskedLogProb(torch.autograd.Function):
                 logits, tokens, m_all, log_s, keep_tok, g_logp, ctx.rho, ctx.temperature, ctx.chunk_size
             )
         return grad, None, None, None, None, None
+
+
+def _outputs(ctx: torch.autograd.function.FunctionCtx, res: _Pass, stats: bool) -> tuple[torch.Tensor, ...]:
+    """A forward's outputs: ``(logp,)``, or ``(logp, log Z, entropy, |V_S|)`` with only ``logp`` differentiable."""
+    if not stats:
+        return (res.logp,)
+    extra = (res.logz, res.entropy, res.safe_size)
+    ctx.mark_non_differentiable(*extra)
+    return (res.logp, *extra)
 
 
 def _backward_impl(
@@ -467,28 +579,25 @@ def _backward_impl(
     gflat = grad.view(-1, vocab)  # (N, V)
     direct = logits.dtype == cdt  # fp32/fp64: compute straight into the gradient
     work = None if direct else torch.empty(chunk, vocab, dtype=cdt, device=logits.device)
-    floor = _exp_floor(vocab, cdt)
-    if rho is not None:
-        cut, fill = _below(log_rho_cut(rho, cdt), cdt), _pruned_fill(rho, vocab, cdt)
-        # pruned entries end at exp(fill − log S) ≤ exp(fill); every kept π^mp is above it
-        zero_below = float(torch.tensor(fill, dtype=cdt).exp())
-    coef_all = g_logp.to(cdt) / temperature  # (N,)
+    k = _Cut.of(rho, vocab, cdt)
+    coef_all = (g_logp.to(cdt) / temperature)[:, None]  # (N, 1)
+    tok_coef = coef_all * keep_tok[:, None]  # (N, 1) the one-hot's weight: 0 for pruned tokens
     for i, block in _row_blocks(logits, chunk):
-        c = block.shape[0]
-        p = gflat[i : i + c] if direct else work[:c]  # (c, V)
-        _shift_into(block, temperature, p, m_all[i : i + c])
-        if rho is not None:
-            F.threshold_(p, cut, fill)
-        else:
-            p.clamp_(min=floor)
-        p.sub_(log_s[i : i + c]).exp_()  # π^mp
-        if rho is not None and zero_below > 0:
-            F.threshold_(p, zero_below, 0.0)  # exactly 0 outside V_S: no gradient leaks there
-        coef = coef_all[i : i + c, None]  # (c, 1)
-        p.mul_(-coef)
-        p.scatter_add_(1, tokens[i : i + c, None], coef * keep_tok[i : i + c, None])
+        rows = slice(i, i + block.shape[0])
+        p = gflat[rows] if direct else work[: block.shape[0]]  # (c, V)
+        _grad_logits_into(
+            block,
+            p,
+            m_all[rows],
+            log_s[rows],
+            coef_all[rows],
+            tokens[rows, None],
+            tok_coef[rows],
+            temperature,
+            k,
+        )
         if not direct:
-            gflat[i : i + c].copy_(p)
+            gflat[rows].copy_(p)
     return grad
 
 
@@ -628,7 +737,7 @@ def token_logprobs(
     tensor([-1000.3132])
     """
     _check_common(logits, rho, temperature, chunk_size)
-    _check_tokens(tokens, logits)
+    _check_tokens(tokens, logits, logits.shape[-1])
     flat_tokens = tokens.reshape(-1).long()  # (N,)
     (logp,) = _MaskedLogProb.apply(logits, flat_tokens, rho, float(temperature), chunk_size, False)
     return logp.view(tokens.shape)
@@ -680,7 +789,7 @@ def token_stats(
     (tensor([-0.3133]), tensor([0.9998]), tensor([0.5822]), tensor([2]))
     """
     _check_common(logits, rho, temperature, chunk_size)
-    _check_tokens(tokens, logits)
+    _check_tokens(tokens, logits, logits.shape[-1])
     flat_tokens = tokens.reshape(-1).long()  # (N,)
     logp, logz, ent, size = _MaskedLogProb.apply(
         logits, flat_tokens, rho, float(temperature), chunk_size, True
@@ -765,6 +874,284 @@ def safe_set_size(
 
 
 # ----------------------------------------------------------------------------------------------------
+# the LM head fused in: DVP log-probs from hidden states, the [N, V] logits never materialised
+
+
+def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a floating-point tensor [..., H] (got {got}); pass hidden.float()")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] < 1:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(
+            f"weight must be the output layer's [V, H] matrix with V >= 1 (got {got}); "
+            "pass model.get_output_embeddings().weight"
+        )
+    if weight.shape[1] != hidden.shape[-1] or weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} {weight.dtype} on {weight.device} does not fit hidden "
+            f"{tuple(hidden.shape)} {hidden.dtype} on {hidden.device}: H, dtype and device must match; "
+            "pass the final hidden states (after the last norm) with hidden.to(weight.dtype)"
+        )
+    if bias is not None and (
+        bias.shape != weight.shape[:1] or bias.dtype != weight.dtype or bias.device != weight.device
+    ):
+        raise ValueError(
+            f"bias {tuple(bias.shape)} {bias.dtype} on {bias.device} must be [V] = [{weight.shape[0]}] "
+            f"{weight.dtype} on {weight.device} like the weight; pass the output layer's own bias (or None)"
+        )
+
+
+def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = x @ weight.T (+ bias)``: the call ``F.linear`` makes for 2-D input (``addmm`` with a bias)."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _head_row_blocks(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_row, logits of rows first_row…)`` for ``[N, H]`` hidden states, ``chunk`` rows at a time.
+
+    Every block is computed into one reused ``[chunk, V]`` buffer of the inputs' dtype (the logits
+    ``F.linear`` would give, as the model computes them), so only that block of logits ever exists.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    buf = torch.empty(min(chunk, n) * vocab, dtype=hidden.dtype, device=hidden.device)
+    for i in range(0, n, chunk):
+        h = hidden[i : i + chunk]  # (c, H)
+        z = buf[: h.shape[0] * vocab].view(h.shape[0], vocab)  # (c, V)
+        _linear_into(h, weight, bias, z)
+        yield i, z
+
+
+def _head_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    m_all: torch.Tensor,
+    log_s: torch.Tensor,
+    keep_tok: torch.Tensor,
+    row_cut: torch.Tensor | None,
+    g_logp: torch.Tensor,
+    rho: float | None,
+    temperature: float,
+    chunk: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``Σ g · log π^mp(tokens)`` w.r.t. ``(hidden, weight, bias)``, over vocabulary tiles.
+
+    The forward pass left each row's max, ``log Σ_{V_S}`` and a cut between its pruned and kept logits
+    (``row_cut``), so ``π^mp`` of any column tile of every row can be recomputed: per tile of ``cols`` vocabulary entries (``N × cols ≈ chunk × V``
+    elements, the forward block's size), recompute the ``[N, cols]`` logits, turn them into
+    ``G = d/d logits`` (:func:`_grad_logits_into`), then ``grad_W[tile] = Gᵀ h`` (complete in one matmul,
+    so rounded once) and ``grad_h += G W[tile]`` (accumulated in fp32 across tiles; a low-precision
+    tile's share is computed in the inputs' dtype first, as autograd on materialised logits would).
+    Tiles keep every matmul large (``h`` stays in cache, ``W`` is read once); row blocks would re-read
+    ``W`` per block.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dtype, cdt, dev = hidden.dtype, _compute_dtype(hidden.dtype), hidden.device
+    cols = max(1, min(vocab, chunk * vocab // max(n, 1)))
+    k = _Cut.of(rho, vocab, cdt)
+    coef = (g_logp.to(cdt) / temperature)[:, None]  # (N, 1)
+    tok_coef = coef * keep_tok[:, None]  # (N, 1) the one-hot's weight: 0 for pruned tokens
+    need_h, need_w, need_b = needs
+    g_h = torch.zeros(hidden.shape, dtype=cdt, device=dev) if need_h else None  # (N, H) fp32 accumulator
+    share = torch.empty(hidden.shape, dtype=dtype, device=dev) if need_h and dtype != cdt else None
+    g_w = torch.empty(weight.shape, dtype=dtype, device=dev) if need_w else None  # (V, H)
+    g_b = torch.empty(vocab, dtype=dtype, device=dev) if need_b else None
+    z_buf = torch.empty(n * cols, dtype=dtype, device=dev)
+    p_buf = z_buf if dtype == cdt else torch.empty(n * cols, dtype=cdt, device=dev)
+    for v0 in range(0, vocab, cols):
+        w = weight[v0 : v0 + cols]  # (c, H)
+        c = w.shape[0]
+        z = z_buf[: n * c].view(n, c)  # (N, c) logits of this tile
+        _linear_into(hidden, w, None if bias is None else bias[v0 : v0 + c], z)
+        local = tokens[:, None] - v0  # (N, 1) the token's column in this tile, if it is in it
+        inside = (local >= 0) & (local < c)
+        p = p_buf[: n * c].view(n, c)  # (N, c)
+        idx, hit = local.clamp(0, c - 1), tok_coef * inside
+        _grad_logits_into(z, p, m_all, log_s, coef, idx, hit, temperature, k, row_cut)
+        g_z = p if dtype == cdt else z.copy_(p)  # (N, c) d/d logits, in the inputs' dtype
+        if g_h is not None:
+            if share is None:
+                g_h.addmm_(g_z, w)
+            else:
+                g_h.add_(torch.mm(g_z, w, out=share))
+        if g_w is not None:
+            torch.mm(g_z.t(), hidden, out=g_w[v0 : v0 + c])
+        if g_b is not None:
+            g_b[v0 : v0 + c] = p.sum(0)
+    return (None if g_h is None else g_h.to(dtype)), g_w, g_b
+
+
+class _HeadLogProb(torch.autograd.Function):
+    """``log π^mp(token)`` from ``[N, H]`` hidden states and the ``[V, H]`` output layer, logits never kept.
+
+    Forward: :func:`_blocks_pass` over row blocks of logits made on the fly (:func:`_head_row_blocks`),
+    the same arithmetic as :func:`token_logprobs` on each block. Saves the inputs (alive anyway), the
+    tokens and four ``[N]`` row statistics; the backward (:func:`_head_backward`) recomputes the logits.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        tokens: torch.Tensor,
+        rho: float | None,
+        temperature: float,
+        chunk_size: int | None,
+        stats: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        chunk = min(_auto_chunk(vocab, chunk_size), max(n, 1))
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            blocks = _head_row_blocks(hidden, weight, bias, chunk)
+            res = _blocks_pass(
+                blocks,
+                (n, vocab),
+                hidden.dtype,
+                hidden.device,
+                chunk,
+                tokens,
+                rho,
+                temperature,
+                stats=stats,
+                scratch=True,
+                row_cut=any(ctx.needs_input_grad[:3]),
+            )
+        ctx.save_for_backward(hidden, weight, bias, tokens, res.m, res.log_s, res.keep_tok, res.row_cut)
+        ctx.rho, ctx.temperature, ctx.chunk = rho, temperature, chunk
+        return _outputs(ctx, res, stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_logp: torch.Tensor, *_: torch.Tensor) -> tuple:  # type: ignore[override]
+        hidden, weight, bias, tokens, m_all, log_s, keep_tok, row_cut = ctx.saved_tensors
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            grads = _head_backward(
+                hidden,
+                weight,
+                bias,
+                tokens,
+                m_all,
+                log_s,
+                keep_tok,
+                row_cut,
+                g_logp,
+                ctx.rho,
+                ctx.temperature,
+                ctx.chunk,
+                tuple(ctx.needs_input_grad[:3]),
+            )
+        return (*grads, None, None, None, None, None)
+
+
+def _head_apply(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    rho: float | None,
+    temperature: float,
+    chunk_size: int | None,
+    stats: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Check the inputs, flatten ``[..., H]`` to ``[N, H]`` and run :class:`_HeadLogProb`; outputs are ``[N]``."""
+    _check_head(hidden, weight, bias)
+    validate_rho(rho)
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    _check_tokens(tokens, hidden, weight.shape[0], "hidden")
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H); copies only a non-viewable slice, N × H
+    return _HeadLogProb.apply(
+        flat, weight, bias, tokens.reshape(-1).long(), rho, float(temperature), chunk_size, stats
+    )
+
+
+def lm_head_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    rho: float | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`token_logprobs` of ``F.linear(hidden, weight, bias)`` without ever holding those logits.
+
+    At LLM vocabularies the logits are the memory wall (8,192 tokens × 151,936 ids are 5 GB in fp32, and
+    autograd keeps them and their gradient); the unmasked losses of TRL/Liger avoid them with a fused LM
+    head, and this is the same for DVP. The forward pass computes ``chunk`` rows of logits at a time into
+    one buffer and runs :func:`token_logprobs`' arithmetic on them (the safe set needs the row max, so
+    blocks are whole rows); the backward pass recomputes the logits over vocabulary tiles and sends the
+    gradient to ``hidden``, ``weight`` (and ``bias``). Extra memory is a few ``[chunk, V]``-sized
+    buffers plus ``[N, H]``, independent of how many rows there are. Same mask, mask value, ties,
+    temperature and fp32 accumulation as :func:`token_logprobs`; the logits themselves are computed in
+    the inputs' dtype, as the model's ``lm_head`` computes them.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (after the last norm), fp32/bf16/fp16/fp64.
+        weight: ``[V, H]`` output layer (``model.get_output_embeddings().weight``; a tied head is the
+            embedding matrix), same dtype and device as ``hidden``.
+        tokens: ``[...]`` integer token ids in ``[0, V)``, ``hidden``'s leading shape.
+        rho: min-p threshold in (0, 1]; ``None`` gives the plain log-softmax.
+        bias: optional ``[V]`` output bias.
+        temperature: logits are divided by this before masking and softmax (as the sampler does).
+        chunk_size: logits rows per forward block (the backward's tiles hold as many elements);
+            ``None`` sizes blocks to :data:`DEFAULT_BLOCK_BYTES`.
+
+    Returns:
+        ``[...]`` fp32 log-probs (fp64 for fp64 inputs), differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias``.
+
+    >>> w = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-30.0, 0.0]])  # [V=3, H=2]
+    >>> h = torch.tensor([[1.0, 5.0]])  # logits [2, 1, -30], as in token_logprobs' example
+    >>> lm_head_token_logprobs(h, w, torch.tensor([1]), rho=1e-3)
+    tensor([-1.3133])
+    """
+    (logp,) = _head_apply(hidden, weight, bias, tokens, rho, temperature, chunk_size, False)
+    return logp.view(tokens.shape)
+
+
+def lm_head_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    rho: float | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> TokenStats:
+    """:func:`token_stats` (``log π^mp``, ``log Z``, entropy, ``|V_S|``) from hidden states, logits never held.
+
+    Arguments as :func:`lm_head_token_logprobs`; only ``logp`` carries gradient.
+
+    >>> w = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-6.0, 0.0]])
+    >>> st = lm_head_token_stats(torch.tensor([[1.0, 5.0]]), w, torch.tensor([0]), rho=1e-3)
+    >>> st.logp, st.logz.exp(), st.entropy, st.safe_size  # as token_stats on logits [2, 1, -6]
+    (tensor([-0.3133]), tensor([0.9998]), tensor([0.5822]), tensor([2]))
+    """
+    logp, logz, ent, size = _head_apply(hidden, weight, bias, tokens, rho, temperature, chunk_size, True)
+    shape = tokens.shape
+    return TokenStats(
+        logp=logp.view(shape), logz=logz.view(shape), entropy=ent.view(shape), safe_size=size.view(shape)
+    )
+
+
+fused_token_logprobs = lm_head_token_logprobs
+"""The name issue 15 asked for: :func:`lm_head_token_logprobs`."""
+
+
+# ----------------------------------------------------------------------------------------------------
 # naive references (full [..., V] tensors; the definitions the fast paths are tested against)
 
 
@@ -816,7 +1203,7 @@ def token_logprobs_reference(
     >>> token_logprobs_reference(torch.tensor([[2.0, 1.0, -30.0]]), torch.tensor([1]), rho=1e-3)
     tensor([-1.3133])
     """
-    _check_tokens(tokens, logits)
+    _check_tokens(tokens, logits, logits.shape[-1])
     logp = torch.log_softmax(masked_logits(logits, rho, temperature=temperature), dim=-1)  # (..., V)
     return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
@@ -858,3 +1245,23 @@ def safe_set_size_reference(
     tensor([2])
     """
     return safe_mask_reference(logits, rho, temperature=temperature).sum(-1)
+
+
+def lm_head_token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    rho: float | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Naive :func:`lm_head_token_logprobs`: the full logits ``F.linear(hidden, weight, bias)``, then
+    :func:`token_logprobs_reference`.
+
+    >>> w = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-30.0, 0.0]])
+    >>> lm_head_token_logprobs_reference(torch.tensor([[1.0, 5.0]]), w, torch.tensor([1]), rho=1e-3)
+    tensor([-1.3133])
+    """
+    logits = F.linear(hidden, weight, bias)  # (..., V)
+    return token_logprobs_reference(logits, tokens, rho, temperature=temperature)
