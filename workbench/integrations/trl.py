@@ -40,7 +40,7 @@ Example (GPU, vLLM colocated)::
     from workbench.integrations.trl import DVPGRPOConfig, DVPGRPOTrainer
 
     args = DVPGRPOConfig(output_dir="out", use_vllm=True, vllm_mode="colocate", num_generations=8,
-                         dvp_rho=math.exp(-13), is_mode="token_mis", is_lo=0.5, is_hi=2.0)
+                         dvp_rho=dvp.DEFAULT_RHO, is_mode="token_mis", is_lo=0.5, is_hi=2.0)
     trainer = DVPGRPOTrainer(model="Qwen/Qwen2.5-1.5B-Instruct", reward_funcs=my_reward, args=args,
                              train_dataset=dataset)
     trainer.train()
@@ -110,7 +110,7 @@ class DVPGRPOConfig(GRPOConfig):
     ``k`` → ``num_generations``); see lessons/11_production.md for the full mapping.
     """
 
-    dvp_rho: float | None = math.exp(-13)  # paper default ρ = e^-13 (THEORY.md, Section 5)
+    dvp_rho: float | None = dvp.DEFAULT_RHO  # paper default ρ = e^-13 (THEORY.md, Section 5)
     """Safe-set threshold ρ in (0, 1]; the trainer computes ``log π^mp`` and the engine samples with
     ``min_p = ρ``. ``None`` disables DVP (full-vocabulary log-probs, no min-p)."""
     dvp_chunk_size: int = 1024

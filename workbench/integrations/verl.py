@@ -122,7 +122,7 @@ class VerlDVPConfig:
     True
     """
 
-    rho: float | None = math.exp(-13)  # paper default ρ = e^-13 (THEORY.md, Section 5)
+    rho: float | None = dvp.DEFAULT_RHO  # paper default ρ = e^-13 (THEORY.md, Section 5)
     """Safe-set threshold ρ: the actor computes ``log π^mp`` and vLLM samples with ``min_p = ρ``."""
     chunk_size: int = 1024
     """Rows per chunk of the memory-lean DVP log-prob kernel."""
