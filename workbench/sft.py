@@ -15,13 +15,17 @@ temperature 1 without min-p, i.e. what RL starts from; "tail" = teacher-forced c
 | ``add2`` | 2000 | 95 | 0.18 | 0.59 | 0.77 | 99.0 % | 21.8 nats | 3e-4 |
 | ``multiadd`` | 1500 | 203 | 0.85 | 0.90 | 0.95 | 99.4 % | 19.9 nats | 1e-4 |
 | ``multiadd_smooth`` | 1500 | 248 | 1.02 | 0.69 | 0.79 | 32 % | 12.7 nats | 1e-2 |
+| ``multiadd6`` (2026-12-04) | 1500 | 539 | 0.97 | 0.80 | 0.54 | 99.5 % | 23.7 nats | 1e-4 |
 
 ("unused gap": median over positions and ``<unused_i>`` ids of ``max logit − logit``; "unused
 mass": their total probability per position; :func:`tail_stats`.) Each policy was trained with 0.37 M
 parameters (four 16-wide heads) and is saved with its heads widened to 32 (:attr:`SFTConfig.serve_head_dim`,
 :func:`workbench.models.widen_heads`: the same function to float rounding — max |Δ log p| 1.9e-5 — so the
 table holds) so that vLLM's CPU attention can serve it: 0.40 M parameters, 1.7 MB on disk in fp32.
-``multiadd``'s loss floor is high because the posed operands are random.
+``multiadd``'s loss floor is high because the posed operands are random. ``multiadd6`` (six posed
+additions, responses up to 64 tokens) is the long-horizon start of issue 14; its greedy decode scores
+below its samples (0.54 vs 0.80): greedy decoding poses the same addition again (22 of 24 prompts
+checked), which the task does not reward.
 
 How it departs from a plain SFT loop (MEASUREMENTS.md: a 5 M-parameter model took ~9 min here):
 
@@ -271,6 +275,11 @@ PRESETS: dict[str, SFTConfig] = {
         steps=1500,
         label_smoothing=0.01,
         model=PRESET_MODEL,
+    ),
+    # Answer, then pose and solve six more additions (responses up to 64 tokens): the horizon study
+    # (issue 14, the T ≈ 64 point; lessons/LOG.md 2026-12-04).
+    "multiadd6": SFTConfig(
+        task="multiadd", task_kwargs={"n_problems": 6, "digits": 2}, steps=1500, model=PRESET_MODEL
     ),
 }
 
