@@ -25,6 +25,8 @@ scenario            engine
 ``kvquant``         bf16 + a 4-bit KV cache (int4 KV-cache quantisation)
 ``gaussian``        bf16 + i.i.d. Gaussian logit noise σ (the paper's Prop 4.3 model) on the
                     label-smoothed policy, whose unused ids sit close enough to the max for σ to reach
+``floor12_t64``     ``floor12`` with responses up to 64 tokens (six posed additions, ``multiadd6`` policy):
+                    the second point of the horizon study (issue 14)
 ``vllm_bf16``       real vLLM (CPU build, or CUDA) serving the policy in bf16 against the fp32 trainer: no
                     emulation at all — the mismatch of a real engine (its ``control`` arm is fp32 vLLM)
 ==================  ====================================================================================
@@ -99,6 +101,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "gaussian": {**_MULTIADD, "model": "multiadd_smooth", "perturbation": "gaussian:0.5"},
     # Real vLLM in bf16, no emulated perturbation: what a real engine's mismatch does to the headline setup.
     "vllm_bf16": {**_MULTIADD, "engine": "vllm"},
+    # The headline's floor at a longer horizon (issue 14): six posed additions, responses up to 64 tokens,
+    # on the `multiadd6` warm start; everything else as `floor12`.
+    "floor12_t64": {
+        **_MULTIADD,
+        "model": "multiadd6",
+        "task_kwargs": {"n_problems": 6, "digits": 2},
+        "perturbation": "floor:12",
+    },
 }
 
 
