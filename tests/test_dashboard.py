@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import pytest
 
 from workbench.dvp import DEFAULT_RHO
-from workbench.experiments.collapse import DEFAULT_CRITERION
+from workbench.experiments.collapse import DEFAULT_CRITERION, classify
 from workbench.experiments.presets import ARMS
 from workbench.trainer import RLOOConfig, all_metric_docs
 from workbench.viz.dashboard import (
@@ -76,14 +76,14 @@ def make_dash(log: list[tuple[int, int]], **kw: Any) -> tuple[LiveTrainingDashbo
         built.append(t)
         return t
 
-    return LiveTrainingDashboard(BASE, make_trainer=factory, **kw), built
+    return LiveTrainingDashboard(BASE, ARMS, verdict=classify, make_trainer=factory, **kw), built
 
 
 # ---------------------------------------------------------------------------------------------- configs
 
 
 def test_dashboard_configs_arms_differ_only_in_the_correction() -> None:
-    cfgs = dashboard_configs(BASE, perturbation="tail:4.0", rho=1e-6, is_mode="seq_tis")
+    cfgs = dashboard_configs(BASE, ARMS, perturbation="tail:4.0", rho=1e-6, is_mode="seq_tis")
     assert list(cfgs) == ["naive", "DVP", "DVP + seq_tis"]
     naive, dvp, mis = cfgs.values()
     assert (naive.rho, naive.is_mode, naive.veto) == (None, "none", None)
@@ -96,27 +96,27 @@ def test_dashboard_configs_arms_differ_only_in_the_correction() -> None:
 
 
 def test_dashboard_configs_none_perturbation_and_bad_input() -> None:
-    cfgs = dashboard_configs(BASE, perturbation="none", rho=DEFAULT_RHO)
+    cfgs = dashboard_configs(BASE, ARMS, perturbation="none", rho=DEFAULT_RHO)
     assert all(c.perturbation is None for c in cfgs.values())
     with pytest.raises(ValueError, match="rho"):
-        dashboard_configs(BASE, perturbation=None, rho=2.0)
+        dashboard_configs(BASE, ARMS, perturbation=None, rho=2.0)
     with pytest.raises(ValueError, match="rho=None"):
-        dashboard_configs(BASE, perturbation=None, rho=None)  # type: ignore[arg-type]
+        dashboard_configs(BASE, ARMS, perturbation=None, rho=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="is_mode='tis'"):
-        dashboard_configs(BASE, perturbation=None, rho=1e-4, is_mode="tis")
+        dashboard_configs(BASE, ARMS, perturbation=None, rho=1e-4, is_mode="tis")
     with pytest.raises(ValueError, match="arms"):
-        dashboard_configs(BASE, perturbation=None, rho=1e-4, arms=["naive", "bogus"])
+        dashboard_configs(BASE, ARMS, perturbation=None, rho=1e-4, arms=["naive", "bogus"])
     with pytest.raises(ValueError, match="perturbation"):
-        dashboard_configs(BASE, perturbation="wobble:3", rho=1e-4)
+        dashboard_configs(BASE, ARMS, perturbation="wobble:3", rho=1e-4)
 
 
 def test_every_menu_perturbation_is_a_valid_spec() -> None:
     for spec in PERTURBATION_CHOICES.values():
-        dashboard_configs(BASE, perturbation=spec, rho=1e-4)
+        dashboard_configs(BASE, ARMS, perturbation=spec, rho=1e-4)
 
 
 def test_configs_html_lists_only_differing_fields() -> None:
-    text = configs_html(dashboard_configs(BASE, perturbation="round:bf16", rho=1e-4))
+    text = configs_html(dashboard_configs(BASE, ARMS, perturbation="round:bf16", rho=1e-4))
     assert "<td>rho</td>" in text and "<td>perturbation</td>" in text and "<td>task</td>" in text
     assert "<td>clip_eps</td>" not in text and "<td>temperature</td>" not in text
 
@@ -234,9 +234,9 @@ def test_verdicts_use_the_collapse_criterion_against_the_last_arm() -> None:
 
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(ValueError, match="steps=0"):
-        LiveTrainingDashboard(BASE, steps=0)
+        LiveTrainingDashboard(BASE, ARMS, steps=0)
     with pytest.raises(ValueError, match="rho"):
-        LiveTrainingDashboard(BASE, rho=0.0)
+        LiveTrainingDashboard(BASE, ARMS, rho=0.0)
 
 
 def test_set_run_names_checks_the_run_count() -> None:
@@ -252,7 +252,7 @@ def test_plotted_keys_are_emitted_and_documented_by_the_real_trainer() -> None:
     docs = all_metric_docs()
     for key, _, _ in (*DASHBOARD_PANELS, *TRAINING_PANELS):
         assert key in docs, f"panel key {key!r} is not a documented metric"
-    dash = LiveTrainingDashboard(BASE, perturbation="gaussian:0.3", steps=2)
+    dash = LiveTrainingDashboard(BASE, ARMS, perturbation="gaussian:0.3", steps=2)
     hist = dash.run_headless()
     for label, rows in hist.items():
         assert len(rows) == 2

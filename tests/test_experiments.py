@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from workbench.experiments import collapse, presets
 from workbench.experiments.collapse import CollapseCriterion, classify, rolling_mean
-from workbench.experiments.demo import DemoReport, format_table
+from workbench.experiments.demo import DemoRun, format_table
 from workbench.experiments.demo import findings as demo_findings
 from workbench.experiments.runner import ArmResults, RunResult, load_results, rejudge
 from workbench.experiments.signature import LogitRecorder, envelope_stats, envelope_terms
@@ -205,7 +205,7 @@ def test_demo_table_has_one_line_per_run(tmp_path) -> None:
     lines = table.splitlines()
     assert len(lines) == 2 + len(res.runs)
     assert "reward first→last" in lines[0] and "collapse" in table and "0.500 → 0.200" in table
-    report = DemoReport(res, tmp_path / "r.html", tmp_path / "results.json")
+    report = DemoRun(res, tmp_path / "results.json")
     assert report.summary().startswith(
         "scenario 'floor' (engine bf16 + floor:13.5), 40 steps, seeds [0, 1] (QUICK)"
     )
@@ -245,7 +245,7 @@ def test_demo_findings_state_the_measured_differences_in_words(tmp_path) -> None
         "verdict of the collapse criterion (workbench/experiments/collapse.py): on the clean-eval reward: "
         "naive RLOO degraded, DVP + MIS stable; on the sampled reward: naive RLOO stable, DVP + MIS stable.",
     ]
-    summary = DemoReport(_demo_results(40), tmp_path / "r.html", tmp_path / "results.json").summary()
+    summary = DemoRun(_demo_results(40), tmp_path / "results.json").summary()
     assert summary.endswith("What the runs measured:\n" + "\n".join(f"- {f}" for f in findings))
     # A run too short to judge says so in its verdict line; the measured numbers are still stated.
     short = demo_findings(_demo_results(4))
@@ -448,11 +448,15 @@ def test_merge_results_joins_seeds_and_arms_and_refuses_mismatched_parts() -> No
 def test_run_demo_writes_results_and_a_report_led_by_the_clean_eval_reward(tmp_path) -> None:
     from workbench.experiments import HEADLINE_SCENARIO, SCENARIOS
     from workbench.experiments.demo import run_demo
+    from workbench.viz import save_training_report
 
     _shipped(SCENARIOS[HEADLINE_SCENARIO]["model"])
     report = run_demo(steps=2, seed=0, out_dir=tmp_path, quick=True)
     assert load_results(report.results_json).arms == ["naive", "dvp_mis"]
-    html = report.html.read_text()
+    assert report.title == f"{HEADLINE_SCENARIO}: naive RLOO vs DVP + MIS — seed 0, 2 steps (QUICK)"
+    page = save_training_report(report.histories(), tmp_path / "report.html", title=report.title,
+                                findings=report.findings())  # fmt: skip
+    html = page.read_text()
     assert "clean-engine eval reward" in html and "tail draws per step" in html
     # The report opens with the findings in words; two steps are too short for a verdict.
     assert html.index("<h3>What the runs measured</h3>") < html.index("plotly")

@@ -1,5 +1,6 @@
-"""workbench.viz.explore: each data function against a naive reference or the theorem it illustrates, the
-sampling helpers against the trainer's convention, and the explorers' redraw (traces equal the static builder)."""
+"""The explorers' three layers: each data function (workbench.analysis) against a naive reference or the theorem
+it illustrates, the sampling helpers (workbench.experiments.real_logits) against the trainer's convention, and the
+explorers' redraw (workbench.viz.explore: traces equal the static builder)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+from workbench import analysis as an
 from workbench import dvp, metrics
+from workbench.experiments import real_logits as rl
 from workbench.models import TinyModelConfig, build_tiny_model, build_tokenizer
 from workbench.viz import explore as ex
 
@@ -32,21 +35,21 @@ def tiny() -> tuple[torch.nn.Module, object]:
 
 def test_fp32_engine_matches_trainer_logits_and_bf16_does_not(tiny) -> None:
     model, tok = tiny
-    same = ex.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="fp32", seed=1)
+    same = rl.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="fp32", seed=1)
     assert same.logits.shape[:2] == same.tokens.shape == same.mask.shape
     assert float(same.delta.abs().max()) < 1e-4  # same position-id convention as the engine
-    low = ex.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="bf16", seed=1)
+    low = rl.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="bf16", seed=1)
     assert float(low.delta.abs().max()) > 1e-4
-    torch.testing.assert_close(ex.precision_logits(model, same.rollout, "fp32"), same.logits)
-    assert ex.valid_rows(same).shape == (int(same.mask.sum()), 64)
+    torch.testing.assert_close(rl.precision_logits(model, same.rollout, "fp32"), same.logits)
+    assert an.valid_rows(same).shape == (int(same.mask.sum()), 64)
     with pytest.raises(ValueError, match="engine_dtype"):
-        ex.sample_policy(model, tok, engine_dtype="fp8")
+        rl.sample_policy(model, tok, engine_dtype="fp8")
 
 
 def test_mismatch_summary_and_bin_figure_use_the_metrics_module(tiny) -> None:
     model, tok = tiny
-    s = ex.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="bf16", seed=2)
-    [row] = ex.mismatch_summary({"bf16": s})
+    s = rl.sample_policy(model, tok, "addition", num_prompts=4, n=2, engine_dtype="bf16", seed=2)
+    [row] = an.mismatch_summary({"bf16": s})
     m = metrics.mismatch_metrics(s.logp_train, s.logp_infer, s.mask)
     assert row["k3"] == m["mismatch/k3"] and row["mean_abs_delta"] == m["mismatch/mean_abs_delta"]
     assert row["tokens"] == float(s.mask.sum())
@@ -62,7 +65,7 @@ def test_mismatch_summary_and_bin_figure_use_the_metrics_module(tiny) -> None:
 @pytest.mark.parametrize("eps", [0.01, 0.3, 1.5])
 def test_envelope_points_respect_prop42(kind: str, eps: float) -> None:
     z = _logits(6, 200, 4.0, seed=0)
-    d = ex.envelope_data(z, eps, kind=kind, max_points=500)
+    d = an.envelope_data(z, eps, kind=kind, max_points=500)
     tol = 1e-12
     assert bool((d["abs_delta"] <= d["exact"] + tol).all())
     assert bool(
@@ -76,17 +79,17 @@ def test_envelope_points_respect_prop42(kind: str, eps: float) -> None:
 
 
 def test_vertex_perturbation_nearly_attains_the_bound() -> None:
-    d = ex.envelope_data(_logits(8, 100, 3.0, seed=1), 0.2, kind="vertex")
+    d = an.envelope_data(_logits(8, 100, 3.0, seed=1), 0.2, kind="vertex")
     assert d["max_ratio_exact"] > 0.9  # random signs hit the worst case for some token
 
 
 def test_envelope_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="eps"):
-        ex.envelope_data(_logits(2, 5, 1.0, 0), 0.0)
+        an.envelope_data(_logits(2, 5, 1.0, 0), 0.0)
     with pytest.raises(ValueError, match="kind"):
-        ex.envelope_data(_logits(2, 5, 1.0, 0), 0.1, kind="gauss")
+        an.envelope_data(_logits(2, 5, 1.0, 0), 0.1, kind="gauss")
     with pytest.raises(ValueError, match=r"\(R, V\)"):
-        ex.envelope_data(torch.zeros(5), 0.1)
+        an.envelope_data(torch.zeros(5), 0.1)
 
 
 def test_precision_envelope_measures_each_rows_shift_invariant_eps() -> None:
@@ -96,12 +99,12 @@ def test_precision_envelope_measures_each_rows_shift_invariant_eps() -> None:
     g = torch.Generator().manual_seed(3)
     delta = 0.05 * (2 * torch.rand(z.shape, generator=g, dtype=torch.float64) - 1)
     delta[:, 0], delta[:, 1] = 0.05, -0.05  # every row's δ spans [−ε, ε] exactly
-    d = ex.precision_envelope_data(z, z + 3.0 + delta)  # plus a constant shift: softmax ignores it
+    d = an.precision_envelope_data(z, z + 3.0 + delta)  # plus a constant shift: softmax ignores it
     assert d["eps_max"] == pytest.approx(0.05) and d["eps_mean"] == pytest.approx(0.05)  # not max |δ| ≈ 3.05
     assert d["eps_mean"] == pytest.approx(float(logit_error(z, z + 3.0 + delta).mean()))  # the one ε
     assert d["max_ratio"] <= math.expm1(0.1) / 0.1 + 1e-9
     with pytest.raises(ValueError, match="same states"):
-        ex.precision_envelope_data(z, z[:2])
+        an.precision_envelope_data(z, z[:2])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ def _naive_conditional_tail_mean(
 def test_positive_mode_weighting_matches_explicit_sampling() -> None:
     z = _logits(3, 24, 2.0, seed=4)
     sigma, p_tail = 0.6, 0.02
-    d = ex.positive_mode_data(z, sigma, num_draws=4000, seed=5, tail_p=p_tail)
+    d = an.positive_mode_data(z, sigma, num_draws=4000, seed=5, tail_p=p_tail)
     naive, se = _naive_conditional_tail_mean(z, sigma, p_tail, 20000, seed=6)
     assert d["tail_cond_mean"] == pytest.approx(naive, abs=5 * se + 0.01)
     assert d["tail_cond_mean"] > 0 > d["tail_uncond_mean"]
@@ -139,7 +142,7 @@ def test_positive_mode_agrees_with_second_order_mean_and_sits_below_the_papers_m
 
     z = _logits(4, 32, 2.5, seed=7)
     sigma = 0.2
-    d = ex.positive_mode_data(z, sigma, num_draws=3000, seed=8, edges=(0.0, 1e-3, 0.05, 0.5, 1.0))
+    d = an.positive_mode_data(z, sigma, num_draws=3000, seed=8, edges=(0.0, 1e-3, 0.05, 0.5, 1.0))
     for cond, ci, second, mode, unc, unc_th, n in zip(
         d["cond"],
         d["cond_ci"],
@@ -178,11 +181,11 @@ def test_positive_mode_agrees_with_second_order_mean_and_sits_below_the_papers_m
 
 def test_positive_mode_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="sigma"):
-        ex.positive_mode_data(_logits(2, 8, 1.0, 0), -0.1)
+        an.positive_mode_data(_logits(2, 8, 1.0, 0), -0.1)
     with pytest.raises(ValueError, match="num_draws"):
-        ex.positive_mode_data(_logits(2, 8, 1.0, 0), 0.1, num_draws=2)
+        an.positive_mode_data(_logits(2, 8, 1.0, 0), 0.1, num_draws=2)
     with pytest.raises(ValueError, match="edges"):
-        ex.positive_mode_data(_logits(2, 8, 1.0, 0), 0.1, edges=(0.5, 0.1))
+        an.positive_mode_data(_logits(2, 8, 1.0, 0), 0.1, edges=(0.5, 0.1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def test_positive_mode_rejects_bad_input() -> None:
 
 def test_exact_bias_matches_the_theorem_identity_and_bounds() -> None:
     probs = (0.7, 0.2, 0.1)
-    rows = ex.exact_bias_vs_horizon(probs=probs, horizons=(1, 2, 3), eps=0.3, kind="tail")
+    rows = an.exact_bias_vs_horizon(probs=probs, horizons=(1, 2, 3), eps=0.3, kind="tail")
     p = torch.tensor(probs, dtype=torch.float64)
     delta = torch.tensor([0.0, 0.0, 0.3], dtype=torch.float64)
     mu1 = torch.softmax(p.log() + delta, -1)
@@ -212,29 +215,29 @@ def test_exact_bias_matches_the_theorem_identity_and_bounds() -> None:
 
 def test_exact_bias_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="horizons"):
-        ex.exact_bias_vs_horizon(horizons=(3, 2))
+        an.exact_bias_vs_horizon(horizons=(3, 2))
     with pytest.raises(ValueError, match="probs"):
-        ex.exact_bias_vs_horizon(probs=(0.5, 0.6))
+        an.exact_bias_vs_horizon(probs=(0.5, 0.6))
     with pytest.raises(ValueError, match="too many"):
-        ex.exact_bias_vs_horizon(probs=(0.25,) * 4, horizons=(12,))
+        an.exact_bias_vs_horizon(probs=(0.25,) * 4, horizons=(12,))
 
 
 def test_sequence_mismatch_vs_length_truncates_responses(tiny) -> None:
     model, tok = tiny
-    s = ex.sample_policy(model, tok, "addition", num_prompts=3, n=2, seed=3)
+    s = rl.sample_policy(model, tok, "addition", num_prompts=3, n=2, seed=3)
     s.logp_train = torch.zeros_like(s.logp_train)
     s.logp_infer = torch.full_like(s.logp_infer, 0.1)
     s.mask = torch.tensor([[True, True, True, False]] * 3 + [[True, False, False, False]] * 3)[
         :, : s.mask.shape[1]
     ]
-    rows = ex.sequence_mismatch_vs_length(s)
+    rows = an.sequence_mismatch_vs_length(s)
     lengths = s.mask.sum(-1).double()
     for row in rows:
         expected = 0.1 * lengths.clamp(max=row["T"])  # a short response keeps its whole S
         assert row["mean_s"] == pytest.approx(float(expected.mean()))
         assert row["mean_abs_weight"] == pytest.approx(float((1 - torch.exp(-expected)).abs().mean()))
         assert row["frac_outside"] == 0.0  # e^{−0.3} ≈ 0.74 stays inside [0.5, 2]
-    fig = ex.accumulation_figure(ex.exact_bias_vs_horizon(horizons=(1, 2)), {"s": rows})
+    fig = ex.accumulation_figure(an.exact_bias_vs_horizon(horizons=(1, 2)), {"s": rows})
     assert len(fig.data) == 4 + 2
 
 
@@ -245,7 +248,7 @@ def test_sequence_mismatch_vs_length_truncates_responses(tiny) -> None:
 def test_rho_sweep_matches_the_naive_references_and_props() -> None:
     z = _logits(10, 300, 5.0, seed=9)
     rhos = [1e-12, math.exp(-13), 1e-4, 1e-2, 0.3]
-    rows = ex.rho_sweep(z, rhos, horizon=7)
+    rows = an.rho_sweep(z, rhos, horizon=7)
     for rho, row in zip(rhos, rows):
         zr = dvp.retained_mass_reference(z.double(), rho)
         assert row["one_minus_z_mean"] == pytest.approx(float((1 - zr).mean()), rel=1e-6, abs=1e-15)
@@ -256,19 +259,19 @@ def test_rho_sweep_matches_the_naive_references_and_props() -> None:
     sizes = [r["size_mean"] for r in rows]
     assert sizes == sorted(sizes, reverse=True)  # a larger ρ keeps fewer tokens
     with pytest.raises(ValueError, match="horizon"):
-        ex.rho_sweep(z, rhos, horizon=0)
+        an.rho_sweep(z, rhos, horizon=0)
 
 
 def test_safe_set_view_keeps_a_prefix_of_the_sorted_vocabulary() -> None:
     z = _logits(1, 100, 4.0, seed=10)[0]
-    v = ex.safe_set_view(z, 1e-3)
+    v = an.safe_set_view(z, 1e-3)
     assert bool((v["logp"][1:] <= v["logp"][:-1]).all())
     k = v["size"]
     assert bool(v["keep"][:k].all()) and not bool(v["keep"][k:].any())
     assert k == int(dvp.safe_set_size(z[None], 1e-3)[0])
     assert v["z"] == pytest.approx(float(dvp.retained_mass(z[None].double(), 1e-3)[0]))
     with pytest.raises(ValueError, match="1-D"):
-        ex.safe_set_view(z[None], 1e-3)
+        an.safe_set_view(z[None], 1e-3)
 
 
 def test_tail_draws_counts_tokens_outside_the_trainers_safe_set() -> None:
@@ -280,8 +283,8 @@ def test_tail_draws_counts_tokens_outside_the_trainers_safe_set() -> None:
     tokens = torch.tensor([[0, 2, 3], [1, 3, 0]])
     mask = torch.tensor([[True, True, True], [True, True, False]])  # the last slot is padding (token 0)
     lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-    sample = ex.PolicySample(SimpleNamespace(tokens=tokens), logits, lp, lp + 0.5, mask)
-    t = ex.tail_draws(sample, rho=math.exp(-5))
+    sample = an.PolicySample(SimpleNamespace(tokens=tokens), logits, lp, lp + 0.5, mask)
+    t = an.tail_draws(sample, rho=math.exp(-5))
     assert t == {
         "tokens": 5.0,
         "outside": 3.0,  # tokens 2, 3 and 3 (the padded slot is not counted)
@@ -291,12 +294,12 @@ def test_tail_draws_counts_tokens_outside_the_trainers_safe_set() -> None:
     }
     ones = torch.ones_like(tokens)  # token 1 everywhere: inside V_S
     lp1 = torch.log_softmax(logits, -1).gather(-1, ones[..., None]).squeeze(-1)
-    inside = ex.PolicySample(SimpleNamespace(tokens=ones), logits, lp1, lp1, mask)
-    t_in = ex.tail_draws(inside, rho=math.exp(-5))
+    inside = an.PolicySample(SimpleNamespace(tokens=ones), logits, lp1, lp1, mask)
+    t_in = an.tail_draws(inside, rho=math.exp(-5))
     assert t_in["outside"] == 0.0 and math.isnan(t_in["mean_delta_outside"])
     assert t_in["min_gap"] >= t_in["log_rho"]  # nothing outside V_S ⇔ every gap ≥ log ρ
     with pytest.raises(ValueError, match="rho=None"):
-        ex.tail_draws(sample, rho=None)
+        an.tail_draws(sample, rho=None)
 
 
 # ----------------------------------------------------------------------------------------------------

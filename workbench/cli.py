@@ -207,10 +207,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from workbench.experiments.demo import run_demo
+    from workbench.viz import save_training_report
 
-    report = run_demo(steps=args.steps, seed=args.seed, out_dir=Path(args.out), quick=args.quick)
-    print(report.summary())
-    print(f"HTML report: {report.html}")
+    run = run_demo(steps=args.steps, seed=args.seed, out_dir=Path(args.out), quick=args.quick)
+    page = save_training_report(
+        run.histories(), Path(args.out) / "report.html", title=run.title, findings=run.findings()
+    )
+    print(run.summary())
+    print(f"HTML report: {page}")
     return 0
 
 

@@ -100,6 +100,11 @@ class Verdict:
     """Human-readable list of the rules that fired."""
 
     @property
+    def judged(self) -> bool:
+        """Whether the run was long enough to judge (every label but ``"too short"``)."""
+        return self.label != TOO_SHORT
+
+    @property
     def collapsed(self) -> bool:
         """True for a collapse."""
         return self.label == "collapse"

@@ -4,14 +4,14 @@
 the :data:`~workbench.experiments.presets.HEADLINE_ARMS` of the
 :data:`~workbench.experiments.presets.HEADLINE_SCENARIO` (tqdm bars), judges each run with the
 collapse criterion (:mod:`workbench.experiments.collapse`), writes ``results.json``/``summary.csv``
-and ``report.html`` into ``out_dir`` and returns a :class:`DemoReport`. The terminal summary and the
-report both lead with :func:`findings`: what the runs measured, in plain words, with the verdict as
+into ``out_dir`` and returns a :class:`DemoRun`; the CLI then draws ``report.html`` from it with
+:func:`workbench.viz.save_training_report`. The terminal summary and the report both lead with
+:func:`findings`: what the runs measured, in plain words, with the verdict as
 one line among them — a reader who has not met the criterion still sees what happened.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import shlex
 from collections.abc import Callable
@@ -22,7 +22,7 @@ from typing import Any
 from workbench.experiments.presets import HEADLINE_ARMS, HEADLINE_SCENARIO, SCENARIOS, run_length
 from workbench.experiments.runner import ArmResults, run_arms
 
-__all__ = ["DemoReport", "findings", "format_table", "run_demo"]
+__all__ = ["DemoRun", "findings", "format_table", "run_demo"]
 
 #: How the findings name the arms a reader meets in the demo (other arms keep their preset key).
 ARM_NAMES = {"naive": "naive RLOO", "dvp_mis": "DVP + MIS", "dvp": "DVP", "control": "control (no mismatch)"}
@@ -145,15 +145,30 @@ def format_table(results: ArmResults) -> str:
 
 
 @dataclass
-class DemoReport:
-    """What :func:`run_demo` produced."""
+class DemoRun:
+    """What :func:`run_demo` produced: the runs and where their data lies (the report is drawn by viz)."""
 
     results: ArmResults
     """Every run, its metrics and its verdict."""
-    html: Path
-    """The plotly HTML report."""
     results_json: Path
     """``results.json`` (data behind the report)."""
+
+    @property
+    def title(self) -> str:
+        """The report's title: scenario, seed and length."""
+        r = self.results
+        return f"{r.scenario}: naive RLOO vs DVP + MIS — seed {r.seeds[0]}, {r.steps} steps" + (
+            " (QUICK)" if r.quick else ""
+        )
+
+    def histories(self) -> dict[str, list[Row]]:
+        """``{"<arm> (<verdict>)": metric rows}``: the curves of the report, labelled with their verdicts."""
+        labels = {r.name: f"{r.arm} ({(r.verdict or {}).get('label', '?')})" for r in self.results.runs}
+        return {labels[k]: v for k, v in self.results.histories().items()}
+
+    def findings(self) -> list[str]:
+        """:func:`findings` of these runs."""
+        return findings(self.results)
 
     def summary(self) -> str:
         """The terminal table, then :func:`findings`: what the runs measured, in plain words."""
@@ -170,20 +185,21 @@ class DemoReport:
         )
 
 
-def run_demo(steps: int | None, seed: int, out_dir: Path, quick: bool) -> DemoReport:
-    """Run the headline comparison (naive RLOO vs DVP + MIS) and write its report.
+def run_demo(steps: int | None, seed: int, out_dir: Path, quick: bool) -> DemoRun:
+    """Run the headline comparison (naive RLOO vs DVP + MIS) and write its results.
+
+    The HTML report is drawn from the returned data by :func:`workbench.viz.save_training_report` (what
+    ``workbench demo`` does next).
 
     Args:
         steps: steps per arm (``None``: the headline scenario's full or QUICK length).
         seed: the seed shared by both arms (same prompts, same policy).
-        out_dir: where ``results.json``, ``summary.csv`` and ``report.html`` go (created).
+        out_dir: where ``results.json`` and ``summary.csv`` go (created).
         quick: the QUICK length (about a minute on 2 idle cores).
 
     Returns:
-        A :class:`DemoReport` (``.summary()`` for the terminal, ``.html`` for the browser).
+        A :class:`DemoRun` (``.summary()`` for the terminal, ``.histories()`` and ``.findings()`` for the report).
     """
-    from workbench import viz
-
     if steps is not None and steps < 2:
         raise ValueError(f"steps={steps} must be >= 2 (or None for the preset's length)")
     out_dir = Path(out_dir)
@@ -201,20 +217,4 @@ def run_demo(steps: int | None, seed: int, out_dir: Path, quick: bool) -> DemoRe
         out_dir=out_dir,
         command=cmd,
     )
-    labels = {r.name: f"{r.arm} ({(r.verdict or {}).get('label', '?')})" for r in results.runs}
-    runs = {labels[k]: v for k, v in results.histories().items()}
-    fig = viz.training_figure(
-        runs,
-        viz.EXPERIMENT_PANELS,  # the clean-eval reward the verdicts read first, then the tail mechanism
-        title=(
-            f"{HEADLINE_SCENARIO}: naive RLOO vs DVP + MIS — seed {seed}, {n} steps"
-            + (" (QUICK)" if quick else "")
-        ),
-    )
-    items = "".join(f"<li>{html.escape(f)}</li>" for f in findings(results))
-    header = (
-        "<div style='font-family:sans-serif;max-width:70em'>"
-        f"<h3>What the runs measured</h3><ul>{items}</ul></div>"
-    )
-    page = viz.save_html(fig, out_dir / "report.html", header_html=header)
-    return DemoReport(results=results, html=Path(page), results_json=out_dir / "results.json")
+    return DemoRun(results=results, results_json=out_dir / "results.json")

@@ -23,9 +23,13 @@ fresh arms when the perturbation, ρ or IS mode changed (or after **Reset**).
 :meth:`LiveTrainingDashboard.run_headless` runs the same loop in the calling thread: that is what a
 headless notebook run (nbmake, CI) executes without anyone clicking.
 
+The dashboard is given its arms (the preset table, :data:`workbench.experiments.ARMS`) and, optionally, the
+function that judges them (:func:`workbench.experiments.classify`): the notebook composes the two layers.
+
+>>> from workbench.experiments import ARMS
 >>> from workbench.trainer import RLOOConfig
 >>> base = RLOOConfig(model=None, task="probe", vocab_size=64, k=2, prompts_per_step=2)
->>> cfgs = dashboard_configs(base, perturbation="gaussian:0.3", rho=1e-4, is_mode="seq_mis")
+>>> cfgs = dashboard_configs(base, ARMS, perturbation="gaussian:0.3", rho=1e-4, is_mode="seq_mis")
 >>> [(name, c.rho, c.is_mode, c.perturbation) for name, c in cfgs.items()]
 [('naive', None, 'none', 'gaussian:0.3'), ('DVP', 0.0001, 'none', 'gaussian:0.3'), ('DVP + seq_mis', 0.0001, 'seq_mis', 'gaussian:0.3')]
 """
@@ -43,9 +47,6 @@ from typing import Any
 import plotly.graph_objects as go
 
 from workbench.dvp import DEFAULT_RHO, validate_rho
-from workbench.engines import make_perturbation
-from workbench.experiments.collapse import TOO_SHORT, classify
-from workbench.experiments.presets import ARMS
 from workbench.importance import IS_MODES
 from workbench.trainer import RLOOConfig, RLOOTrainer
 from workbench.viz.figures import set_run_names, training_figure, update_training_figure
@@ -72,7 +73,7 @@ DASHBOARD_PANELS: tuple[tuple[str, str, bool], ...] = (
 #: The arms, as preset names in :data:`workbench.experiments.ARMS` (their order is the legend order).
 DASHBOARD_ARMS: tuple[str, ...] = ("naive", "dvp", "dvp_mis")
 
-#: Perturbation menu: label → spec for :func:`workbench.engines.make_perturbation` (``"none"``: only the
+#: Perturbation menu: label → spec of ``RLOOConfig.perturbation`` (``"none"``: only the
 #: engine's weight precision differs). Each entry is one way a real inference engine drifts from the trainer.
 PERTURBATION_CHOICES: dict[str, str] = {
     "none (engine weight dtype only)": "none",
@@ -88,6 +89,11 @@ PERTURBATION_CHOICES: dict[str, str] = {
 }
 
 Row = dict[str, float]
+Presets = Mapping[str, Mapping[str, Any]]
+"""Arm presets by name → the ``RLOOConfig`` fields each sets (:data:`workbench.experiments.ARMS`)."""
+Judge = Callable[[Sequence[Row], "Sequence[Row] | None"], Any]
+"""``(rows, reference rows or None) -> verdict`` with ``.label``, ``.reasons`` and ``.judged``
+(:func:`workbench.experiments.classify`)."""
 
 
 def arm_label(arm: str, is_mode: str = "token_mis") -> str:
@@ -107,6 +113,7 @@ def arm_label(arm: str, is_mode: str = "token_mis") -> str:
 
 def dashboard_configs(
     base: RLOOConfig,
+    presets: Presets,
     *,
     perturbation: str | None,
     rho: float,
@@ -115,13 +122,14 @@ def dashboard_configs(
 ) -> dict[str, RLOOConfig]:
     """The configs of the dashboard's arms for one setting of the controls.
 
-    Each arm is ``base`` with its preset from :data:`workbench.experiments.ARMS` applied, then the
+    Each arm is ``base`` with its preset from ``presets`` applied, then the
     controls: every arm gets ``perturbation``; arms that prune (preset ρ not None) get ``rho``; the
     ``dvp_mis`` arm gets ``is_mode`` (bounds ``None``: the mode's defaults, veto from the preset).
 
     Args:
         base: shared settings (model, task, batch, lr, engine dtype, seed, ...).
-        perturbation: engine perturbation spec (``None`` for none).
+        presets: arm presets by name (:data:`workbench.experiments.ARMS`).
+        perturbation: engine perturbation spec (``None`` or ``"none"`` for none).
         rho: ρ of the pruning arms, in (0, 1].
         is_mode: correction of the ``dvp_mis`` arm, one of :data:`workbench.importance.IS_MODES`.
         arms: preset names to include (default naive, dvp, dvp_mis).
@@ -137,14 +145,14 @@ def dashboard_configs(
         raise ValueError("rho=None: the DVP arms need a ρ in (0, 1]; the naive arm already trains unpruned")
     if is_mode not in IS_MODES:
         raise ValueError(f"is_mode={is_mode!r} is not one of {IS_MODES}; pick one from the dropdown")
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in presets]
     if unknown or not arms:
-        raise ValueError(f"arms={list(arms)!r}: each must be one of {sorted(ARMS)} (and at least one)")
-    if make_perturbation(perturbation) is None:  # raises with the allowed forms
-        perturbation = None
+        raise ValueError(f"arms={list(arms)!r}: each must be one of {sorted(presets)} (and at least one)")
+    if perturbation is not None and perturbation.strip().lower() in ("", "none"):
+        perturbation = None  # RLOOConfig checks any other spec and raises with the allowed forms
     out: dict[str, RLOOConfig] = {}
     for arm in arms:
-        fields: dict[str, Any] = {**ARMS[arm], "perturbation": perturbation}
+        fields: dict[str, Any] = {**presets[arm], "perturbation": perturbation}
         if fields.get("rho") is not None:
             fields["rho"] = float(rho)
         if arm == "dvp_mis":
@@ -188,8 +196,11 @@ class LiveTrainingDashboard:
 
     Args:
         base: shared settings of every arm (see :func:`dashboard_configs`).
+        presets: arm presets by name (:data:`workbench.experiments.ARMS`).
+        verdict: judges each arm's rows against the last arm's (:func:`workbench.experiments.classify`);
+            ``None``: no verdicts.
         perturbation: initial engine perturbation spec: one of the specs in :data:`PERTURBATION_CHOICES`
-            or any other spec :func:`workbench.engines.make_perturbation` accepts (added to the menu).
+            or any other spec ``RLOOConfig.perturbation`` accepts (added to the menu).
         rho: initial ρ of the pruning arms.
         is_mode: initial IS correction of the ``dvp_mis`` arm.
         steps: steps per arm that one Run click (or :meth:`run_headless` without argument) trains.
@@ -208,7 +219,9 @@ class LiveTrainingDashboard:
     def __init__(
         self,
         base: RLOOConfig,
+        presets: Presets,
         *,
+        verdict: Judge | None = None,
         perturbation: str | None = "tail:4.0",
         rho: float = DEFAULT_RHO,
         is_mode: str = "token_mis",
@@ -224,6 +237,8 @@ class LiveTrainingDashboard:
             raise ValueError(f"steps={steps} must be >= 1 (steps per arm per Run click)")
         perturbation = "none" if perturbation is None else perturbation
         self.base = base
+        self.presets = presets
+        self.judge = verdict
         self.arms = tuple(arms)
         self.panels = tuple(panels)
         self._make_trainer = make_trainer
@@ -232,7 +247,7 @@ class LiveTrainingDashboard:
                 f"redraw_every_s={redraw_every_s} must be >= 0 seconds (0 redraws after every step)"
             )
         self.redraw_every_s = float(redraw_every_s)
-        dashboard_configs(base, perturbation=perturbation, rho=rho, is_mode=is_mode, arms=self.arms)
+        dashboard_configs(base, presets, perturbation=perturbation, rho=rho, is_mode=is_mode, arms=self.arms)
 
         options = [(label, spec) for label, spec in PERTURBATION_CHOICES.items()]
         if perturbation not in PERTURBATION_CHOICES.values():
@@ -290,6 +305,7 @@ class LiveTrainingDashboard:
         """The arms' configs for the current control values."""
         return dashboard_configs(
             self.base,
+            self.presets,
             perturbation=self.perturbation_w.value,
             rho=float(self.rho_w.value),
             is_mode=self.is_mode_w.value,
@@ -374,18 +390,19 @@ class LiveTrainingDashboard:
         return f"<b>{head}</b> ({time.perf_counter() - t0:.1f} s) · " + " · ".join(parts)
 
     def verdicts(self) -> dict[str, Any]:
-        """The collapse criterion's verdict on each arm so far (``{}`` before the arms are built).
+        """The verdict on each arm so far (``{}`` before the arms are built, or without a ``verdict``).
 
-        Each arm is judged by :func:`workbench.experiments.collapse.classify` against the last arm
-        (DVP + IS) as the reference run on the same seed; the reference itself is judged alone. An arm
-        with fewer than ``CollapseCriterion.min_steps`` steps is ``"too short"``: no verdict.
+        Each arm is judged by the dashboard's ``verdict`` function (the collapse criterion,
+        :func:`workbench.experiments.classify`) against the last arm (DVP + IS) as the reference run on the
+        same seed; the reference itself is judged alone. An arm with fewer than
+        ``CollapseCriterion.min_steps`` steps is ``"too short"``: no verdict.
         """
         labels = list(self.histories)
-        if not labels:
+        if not labels or self.judge is None:
             return {}
         ref = self.histories[labels[-1]]
         return {
-            label: classify(hist, None if label == labels[-1] else ref)
+            label: self.judge(hist, None if label == labels[-1] else ref)
             for label, hist in self.histories.items()
         }
 
@@ -394,8 +411,8 @@ class LiveTrainingDashboard:
         if not verdicts:
             return ""
         parts = [f"{html.escape(label)}: <b>{v.label}</b>" for label, v in verdicts.items()]
-        short = [v.reasons[0] for v in verdicts.values() if v.label == TOO_SHORT]  # says why, once
-        return "<br>verdicts (workbench.experiments.collapse): " + " · ".join(parts + short[:1])
+        short = [v.reasons[0] for v in verdicts.values() if not v.judged]  # says why, once
+        return "<br>verdicts (collapse criterion): " + " · ".join(parts + short[:1])
 
     def run_headless(self, steps: int | None = None) -> dict[str, list[Row]]:
         """Train ``steps`` (default: the steps box) rounds in the calling thread; returns :attr:`histories`.

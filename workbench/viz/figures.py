@@ -14,6 +14,7 @@ dashboard (a ``go.FigureWidget`` whose traces are updated in place). The experim
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import tempfile
@@ -465,6 +466,29 @@ def save_html(fig: go.Figure, path: str | os.PathLike[str], header_html: str = "
     """
     page = fig.to_html(include_plotlyjs=True, full_html=True).replace("<body>", "<body>" + header_html, 1)
     return _atomic(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+
+
+def save_training_report(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    findings: Sequence[str] = (),
+    panels: Sequence[tuple[str, str, bool]] = EXPERIMENT_PANELS,
+) -> Path:
+    """A self-contained HTML report: the findings in words, then the training curves of ``runs``.
+
+    What ``workbench demo`` writes: ``runs`` and ``findings`` come from
+    :class:`workbench.experiments.demo.DemoRun` (``.histories()``, ``.findings()``); the default panels
+    lead with the clean-eval reward the verdicts read first, then the tail mechanism.
+    """
+    fig = training_figure(runs, panels, title=title)
+    items = "".join(f"<li>{html.escape(f)}</li>" for f in findings)
+    header = (
+        "<div style='font-family:sans-serif;max-width:70em'>"
+        f"<h3>What the runs measured</h3><ul>{items}</ul></div>"
+    )
+    return save_html(fig, path, header_html=header)
 
 
 #: Static formats :func:`save_figure` writes through plotly's exporter (kaleido), besides ``.html``.
