@@ -142,3 +142,35 @@ def test_metric_keys_named_in_lessons_00_to_05_exist() -> None:
         text = (ROOT / "lessons" / f"{stem}.md").read_text(encoding="utf-8")
         named = {k for k in re.findall(r"`([a-z_]+/[a-z0-9_]+)`", text) if k.startswith(prefixes)}
         assert named <= documented, f"lessons/{stem}.md names undocumented keys {sorted(named - documented)}"
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``workbench.a.b.c`` names something: the longest importable module prefix, then attributes."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_workbench_symbols_named_in_lessons_and_readme_exist() -> None:
+    """A lesson that names a moved or renamed symbol sends the reader looking for nothing."""
+    files = [*sorted((ROOT / "lessons").glob("*.md")), ROOT / "README.md"]
+    missing = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in files
+        for name in sorted(
+            set(re.findall(r"`(workbench(?:\.[A-Za-z_]\w*)+)", path.read_text(encoding="utf-8")))
+        )
+        if not _resolves(name)
+    ]
+    assert not missing, "named but not found:\n" + "\n".join(missing)
