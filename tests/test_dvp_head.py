@@ -170,6 +170,35 @@ def test_ties_at_the_threshold_are_kept(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rho", [None, DEFAULT_RHO, 0.2], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_second_rho_membership_and_full_logp_from_the_fused_pass(dtype, rho, temperature):
+    """TokenStats.outside(ρ') from the fused pass is metrics.boundary_tokens on the logits, for any ρ' (the
+    trainer's tail count at e^-13 whatever ρ it trains with); full_logp is the unpruned log-softmax."""
+    from workbench.metrics import boundary_tokens
+
+    h, w, b, tokens = make_head(4 * 6, 8, 211, seed=5, dtype=dtype, bias=True, scale=2.0)
+    h, tokens = h.view(4, 6, 8), tokens.view(4, 6)
+    tokens[:, 0] = F.linear(h[:, 0], w, b).argmax(-1)  # argmaxes: inside every safe set
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) > 0.2
+    logits = F.linear(h, w, b)  # (4, 6, V) the same logits the blocks make
+    for st in (
+        lm_head_token_stats(h, w, tokens, rho, bias=b, temperature=temperature, chunk_size=5),
+        token_stats(logits, tokens, rho, temperature=temperature),
+    ):
+        for other in (None, DEFAULT_RHO, 0.2, 0.9, 1.0):
+            want = boundary_tokens(logits, tokens, other, mask=mask, temperature=temperature)
+            assert torch.equal(st.outside(other, mask), want), other
+        assert st.outside(DEFAULT_RHO).any() and not st.outside(1.0)[:, 0].any()
+        ref = torch.log_softmax(logits.to(st.full_logp.dtype) / temperature, -1).gather(-1, tokens[..., None])
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(st.full_logp, ref[..., 0], rtol=tol, atol=tol)
+        assert not (st.gap.requires_grad or st.full_logp.requires_grad) and (st.gap <= 0).all()
+    with pytest.raises(ValueError, match="no gap"):
+        dvp.TokenStats(logp=st.logp, logz=st.logz, entropy=st.entropy, safe_size=st.safe_size).outside(0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rho", [None, DEFAULT_RHO], ids=str)
 def test_huge_logits_and_pruned_tokens(dtype, rho):
     """±1e4 logits: finite values and gradients, pruned tokens at −MASK_MARGIN − log S with no own gradient."""

@@ -346,6 +346,8 @@ class _Pass:
     entropy: torch.Tensor | None = None  # (N,) H(π^mp)
     safe_size: torch.Tensor | None = None  # (N,) |V_S|
     row_cut: torch.Tensor | None = None  # (N, 1) a cut between the pruned and the kept shifted logits
+    gap: torch.Tensor | None = None  # (N,) the token's z / T − max z / T (stats only)
+    full_logp: torch.Tensor | None = None  # (N,) log π(token) over the full vocabulary (stats only)
 
 
 def _fused_pass(
@@ -476,6 +478,8 @@ def _blocks_pass(
         # H(π^mp) = log S − Σ e·s / S
         out.entropy = (log_s - e_log_e / log_s.exp()).clamp_(min=0.0).squeeze(1)
         out.safe_size = size
+        out.gap = s_tok
+        out.full_logp = s_tok - log_s_all.squeeze(1)
     return out
 
 
@@ -551,10 +555,11 @@ class _MaskedLogProb(torch.autograd.Function):
 
 
 def _outputs(ctx: torch.autograd.function.FunctionCtx, res: _Pass, stats: bool) -> tuple[torch.Tensor, ...]:
-    """A forward's outputs: ``(logp,)``, or ``(logp, log Z, entropy, |V_S|)`` with only ``logp`` differentiable."""
+    """A forward's outputs: ``(logp,)``, or ``(logp, log Z, entropy, |V_S|, gap, full log π)`` with only ``logp``
+    differentiable."""
     if not stats:
         return (res.logp,)
-    extra = (res.logz, res.entropy, res.safe_size)
+    extra = (res.logz, res.entropy, res.safe_size, res.gap, res.full_logp)
     ctx.mark_non_differentiable(*extra)
     return (res.logp, *extra)
 
@@ -758,6 +763,33 @@ class TokenStats:
     """Entropy of ``π^mp`` in nats (plain entropy when ρ is None), detached."""
     safe_size: torch.Tensor
     """``|V_S|`` as int64 (``V`` when ρ is None), detached."""
+    gap: torch.Tensor | None = None
+    """The token's ``z / T − max_b z_b / T`` (≤ 0) in the compute dtype, detached: safe-set membership for any
+    other ρ (:meth:`outside`) without the logits. ``None`` when the stats were assembled by hand."""
+    full_logp: torch.Tensor | None = None
+    """``log π(token)`` over the full vocabulary (no pruning), detached; ``None`` when assembled by hand."""
+
+    def outside(self, rho: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens outside the safe set of ``rho`` (any ρ, not only the one the stats were computed with).
+
+        The same comparison as :func:`token_in_safe_set` (``gap ≥ log ρ`` rounded to the compute dtype), so on
+        the same logits it equals :func:`workbench.metrics.boundary_tokens` bit for bit; positions where
+        ``mask`` is False are reported False.
+
+        >>> st = token_stats(torch.tensor([[0.0, -1.0, -20.0], [0.0, -1.0, -20.0]]), torch.tensor([1, 2]))
+        >>> st.outside(1e-3)
+        tensor([False,  True])
+        """
+        if self.gap is None:
+            raise ValueError(
+                "these TokenStats carry no gap; compute them with token_stats / lm_head_token_stats"
+            )
+        if rho is None:
+            out = torch.zeros(self.gap.shape, dtype=torch.bool, device=self.gap.device)
+        else:
+            validate_rho(rho)
+            out = self.gap < log_rho_cut(rho, self.gap.dtype)
+        return out if mask is None else out & mask
 
 
 def token_stats(
@@ -791,13 +823,13 @@ def token_stats(
     _check_common(logits, rho, temperature, chunk_size)
     _check_tokens(tokens, logits, logits.shape[-1])
     flat_tokens = tokens.reshape(-1).long()  # (N,)
-    logp, logz, ent, size = _MaskedLogProb.apply(
-        logits, flat_tokens, rho, float(temperature), chunk_size, True
-    )
-    shape = tokens.shape
-    return TokenStats(
-        logp=logp.view(shape), logz=logz.view(shape), entropy=ent.view(shape), safe_size=size.view(shape)
-    )
+    outs = _MaskedLogProb.apply(logits, flat_tokens, rho, float(temperature), chunk_size, True)
+    return _token_stats_of(outs, tokens.shape)
+
+
+def _token_stats_of(outs: tuple[torch.Tensor, ...], shape: torch.Size) -> TokenStats:
+    logp, logz, ent, size, gap, full = (x.view(shape) for x in outs)
+    return TokenStats(logp=logp, logz=logz, entropy=ent, safe_size=size, gap=gap, full_logp=full)
 
 
 @torch.no_grad()
@@ -1140,11 +1172,8 @@ def lm_head_token_stats(
     >>> st.logp, st.logz.exp(), st.entropy, st.safe_size  # as token_stats on logits [2, 1, -6]
     (tensor([-0.3133]), tensor([0.9998]), tensor([0.5822]), tensor([2]))
     """
-    logp, logz, ent, size = _head_apply(hidden, weight, bias, tokens, rho, temperature, chunk_size, True)
-    shape = tokens.shape
-    return TokenStats(
-        logp=logp.view(shape), logz=logz.view(shape), entropy=ent.view(shape), safe_size=size.view(shape)
-    )
+    outs = _head_apply(hidden, weight, bias, tokens, rho, temperature, chunk_size, True)
+    return _token_stats_of(outs, tokens.shape)
 
 
 fused_token_logprobs = lm_head_token_logprobs
