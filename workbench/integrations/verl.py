@@ -16,7 +16,12 @@ What that API allows, and what it does not:
    both call that function after dividing the logits by the temperature) with
    ``actor_rollout_ref.model.use_fused_kernels=False``. Not covered: fused kernels (they never materialise
    logits) and the Megatron actor (its vocabulary-parallel log-softmax would need the safe-set maximum
-   all-reduced across tensor-parallel ranks).
+   all-reduced across tensor-parallel ranks). Unlike the workbench trainer and the TRL adapter, this path
+   cannot use the fused LM head (:func:`workbench.dvp.lm_head_token_stats`, logits never materialised): the
+   patched ``logprobs_from_logits`` receives logits verl's actor has already built, so the memory is spent
+   before it is called. Fusing would need a verl actor hook that hands over the final hidden states and the
+   output layer instead (verl's own ``use_fused_kernels`` path does that for the unmasked log-softmax, and
+   DVP would have to replace its kernel).
 2. **The rollout needs the same ρ as min-p.** verl's agent loop builds vLLM ``SamplingParams`` from
    ``temperature/top_p/top_k`` only, so :func:`install` also wraps the vLLM server's ``generate`` to add
    ``min_p = ρ`` (:func:`with_min_p`). Set ``rollout.calculate_log_probs=True`` and
@@ -667,9 +672,9 @@ def is_config_from_verl(config: Mapping[str, Any] | str, *, log_clamp: float = D
 
     >>> is_config_from_verl({"rollout_is": True, "rollout_is_threshold": 2.0, "rollout_is_level": "token",
     ...                     "rollout_is_mode": "truncate", "rollout_is_veto_threshold": 1e-4})
-    ISConfig(mode='token_tis', lo=None, hi=2.0, veto=0.0001, log_clamp=20.0)
+    ISConfig(mode='token_tis', lo=None, hi=2.0, veto=0.0001, log_clamp=20.0, trust_region=None, trust_region_div='k3')
     >>> is_config_from_verl({"rollout_correction": {"rollout_is": "sequence", "rollout_is_threshold": "0.5_2.0"}})
-    ISConfig(mode='seq_mis', lo=0.5, hi=2.0, veto=None, log_clamp=20.0)
+    ISConfig(mode='seq_mis', lo=0.5, hi=2.0, veto=None, log_clamp=20.0, trust_region=None, trust_region_div='k3')
     """
     flat, trust_region, div = _split_trust_region(_unwrap_verl(config))
     mode, lo, hi, veto = _parse_verl(flat)
