@@ -54,6 +54,7 @@ FIELD_CASES: dict[str, tuple[str, object, tuple[str, ...]]] = {
     "perturbation": ("gaussian:0.3", "gaussian:0.3", ()),
     "seed": ("1", 1, ()),
     "chunk_size": ("256", 256, ()),
+    "fused_head": ("false", False, ()),
     "checkpoint_every": ("3", 3, ()),
     "eval_every": ("3", 3, ()),
     "eval_prompts": ("8", 8, ()),

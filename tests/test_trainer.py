@@ -254,3 +254,42 @@ def test_adaptive_rho_run_and_clean_eval_are_reported() -> None:
     assert all(0.0 <= h["eval/reward"] <= 1.0 for h in hist)  # evaluated at step 1 and step 2
     assert trainer.evaluate() == trainer.evaluate()  # fixed prompts and seed: a deterministic measurement
     assert math.isnan(RLOOTrainer(RLOOConfig(**PROBE)).step()["eval/reward"])  # eval off by default
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # A probability floor in a full-vocabulary engine makes it draw the trainer's tail: tail draws and
+        # boundary tokens (the paper's ρ: one cut for both; ρ = 1e-2: a second cut) are really exercised.
+        {"perturbation": "floor:5", "engine_rho": None},
+        {"rho": None, "perturbation": "floor:5"},
+        {
+            "rho": 1e-2,
+            "engine_rho": None,
+            "perturbation": "floor:4",
+            "temperature": 1.3,
+            "loss_type": "ppo_clip",
+            "ppo_epochs": 2,
+        },
+    ],
+    ids=["add2-default-rho", "rho-none", "rho-1e-2-ppo"],
+)
+def test_fused_lm_head_path_gives_the_logits_paths_metrics_and_weights(extra) -> None:
+    """RLOOConfig.fused_head: the same steps from hidden states + output layer as from materialised logits."""
+    from workbench.models import fused_head_parts
+
+    base = dict(model="add2", k=2, prompts_per_step=4, seed=3, **extra)
+    fused = RLOOTrainer(RLOOConfig(**base))
+    plain = RLOOTrainer(RLOOConfig(**base, fused_head=False))
+    assert fused_head_parts(fused.model) is not None and fused._head() is not None and plain._head() is None
+    a, b = fused.train(2, progress=False), plain.train(2, progress=False)
+    assert all(m["mismatch/tail_tokens"] > 0 for m in a)
+    for ra, rb in zip(_strip_perf(a), _strip_perf(b), strict=True):
+        assert set(ra) == set(rb)
+        for key in ra:
+            if ra[key] is None or rb[key] is None:
+                assert ra[key] is rb[key], key
+            else:
+                assert math.isclose(ra[key], rb[key], rel_tol=1e-5, abs_tol=1e-5), (key, ra[key], rb[key])
+    for (name, p), q in zip(fused.model.named_parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)

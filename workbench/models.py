@@ -307,6 +307,49 @@ def widen_heads(model: PreTrainedModel, head_dim: int = 32) -> PreTrainedModel:
     return wide
 
 
+#: Model families whose logits are exactly ``lm_head(model.model(...).last_hidden_state)``: no soft-capping, no
+#: logit scaling (checked again on the config), so the fused LM-head path computes the model's own logits.
+FUSED_HEAD_FAMILIES: tuple[str, ...] = ("qwen2", "qwen3", "llama", "mistral")
+
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def fused_head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """``(backbone, output layer)`` of an HF causal LM whose logits are ``output_layer(backbone(...).last_hidden_state)``.
+
+    ``None`` (use the logits) unless the model's ``model_type`` is one of :data:`FUSED_HEAD_FAMILIES`, its config
+    sets none of the logit transforms other families apply (soft-capping, ``logit_scale``, ``logits_scaling`` …),
+    the backbone is ``model.model`` and ``model.get_output_embeddings()`` is a plain ``torch.nn.Linear`` (not a
+    PEFT layer; a PEFT model is looked through with ``get_base_model()``). Used by
+    :class:`workbench.trainer.RLOOTrainer` and :class:`workbench.integrations.trl.DVPGRPOTrainer` to call
+    :func:`workbench.dvp.lm_head_token_stats` instead of materialising the logits.
+
+    >>> model = build_tiny_model(TinyModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2))
+    >>> backbone, head = fused_head_parts(model)
+    >>> type(backbone).__name__, tuple(head.weight.shape)
+    ('Qwen2Model', (64, 16))
+    """
+    get_base = getattr(model, "get_base_model", None)  # a PEFT model: look at the model it wraps
+    model = get_base() if callable(get_base) else model
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_HEAD_FAMILIES:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    backbone = getattr(model, "model", None)
+    if type(head) is not torch.nn.Linear or not isinstance(backbone, torch.nn.Module):
+        return None
+    return backbone, head
+
+
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype

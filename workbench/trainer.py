@@ -4,7 +4,8 @@ One step, as data (see README "Design")::
 
     prompts ──engine.generate(ρ, perturbation, dtype)──▶ Rollout{tokens, logp_infer, mask}
             ──task.reward──▶ rewards
-    trainer forward ──dvp.token_stats(ρ)──▶ logp_train (grad), log Z, entropy, |V_S|
+    trainer forward ──dvp.lm_head_token_stats(ρ) (or dvp.token_stats on logits)──▶ logp_train (grad), log Z,
+                    entropy, |V_S|
     (logp_train, logp_infer, boundary, rewards) ──rloo.corrected_batch(IS, K)──▶ w, keep, A, metrics
     loss = policy_loss(logp_train, A, keep, w) ──▶ backward, clip, Adam step, engine.sync_weights
     metrics ──▶ metrics.jsonl + callbacks + progress bar
@@ -155,6 +156,12 @@ class RLOOConfig:
     """Seeds model init, prompt sampling and rollout sampling (per-step seeds derive from it)."""
     chunk_size: int = 1024
     """Rows per chunk in the memory-lean DVP log-prob kernel."""
+    fused_head: bool = True
+    """Compute the DVP log-probs from the final hidden states and the output layer
+    (:func:`workbench.dvp.lm_head_token_stats`), so the ``(N, T, V)`` logits are never materialised. Used when the
+    model is a plain Qwen2/Qwen3/Llama/Mistral causal LM (no logit soft-capping or scaling) and ``rho_entropy_scale``
+    is 0 (the per-state ρ needs the logits); otherwise, or with ``False``, the logits path. Same numbers either way
+    up to float rounding."""
     checkpoint_every: int = 0
     """Write a checkpoint every N steps (0: only at the end of ``train`` and on interruption)."""
     eval_every: int = 0
@@ -562,13 +569,42 @@ class RLOOTrainer:
         ids = [models.encode_prompt(self.tokenizer, p.prompt) for p in problems]
         return problems, ids
 
+    @staticmethod
+    def _inputs(rollout: Any) -> dict[str, torch.Tensor]:
+        attn = rollout.attention_mask
+        return {
+            "input_ids": rollout.sequences,
+            "attention_mask": attn,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+        }
+
     def _forward(self, rollout: Any) -> torch.Tensor:
         """Trainer logits for the response positions, ``(N, T, V)``."""
-        attn = rollout.attention_mask
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=rollout.sequences, attention_mask=attn, position_ids=position_ids)
         p = rollout.prompt_len
-        return out.logits[:, p - 1 : -1]  # (N, T, V)
+        return self.model(**self._inputs(rollout)).logits[:, p - 1 : -1]  # (N, T, V)
+
+    def _head(self) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+        """``(backbone, output layer)`` when the fused LM-head path applies (``RLOOConfig.fused_head``), else None."""
+        cfg = self.config
+        if not cfg.fused_head or cfg.rho_entropy_scale > 0:
+            return None
+        return models.fused_head_parts(self.model)
+
+    def _fused_stats(self, rollout: Any, parts: tuple[torch.nn.Module, torch.nn.Linear]) -> dvp.TokenStats:
+        """:func:`workbench.dvp.lm_head_token_stats` of the response positions: the logits are never materialised."""
+        cfg = self.config
+        backbone, head = parts
+        p = rollout.prompt_len
+        hidden = backbone(**self._inputs(rollout)).last_hidden_state[:, p - 1 : -1]  # (N, T, H)
+        return dvp.lm_head_token_stats(
+            hidden,
+            head.weight,
+            rollout.tokens,
+            cfg.rho,
+            bias=head.bias,
+            temperature=cfg.temperature,
+            chunk_size=cfg.chunk_size,
+        )
 
     def _token_stats(
         self, logits: torch.Tensor, tokens: torch.Tensor
@@ -625,21 +661,34 @@ class RLOOTrainer:
 
         t1 = time.perf_counter()
         mask = rollout.mask  # (N, T)
-        logits = self._forward(rollout)  # (N, T, V)
-        stats, log_rho = self._token_stats(logits, rollout.tokens)
+        head = self._head()
+        detached: torch.Tensor | None = None  # the logits, on the logits path only
+        if head is not None:  # fused LM head: (N, T, V) logits never exist
+            stats = self._fused_stats(rollout, head)
+            log_rho = (
+                None if cfg.rho is None else torch.full(mask.shape, math.log(cfg.rho), device=mask.device)
+            )
+        else:
+            logits = self._forward(rollout)  # (N, T, V)
+            stats, log_rho = self._token_stats(logits, rollout.tokens)
+            detached = logits.detach()
         logp = stats.logp  # (N, T), differentiable
         with torch.no_grad():
-            detached = logits.detach()
             # Tail draws: outside the e^-13 safe set whatever ρ this run trains with.
-            tail = metrics.boundary_tokens(
-                detached, rollout.tokens, dvp.DEFAULT_RHO, mask=mask, temperature=cfg.temperature
-            )
+            if detached is None:
+                tail = stats.outside(dvp.DEFAULT_RHO, mask)
+            else:
+                tail = metrics.boundary_tokens(
+                    detached, rollout.tokens, dvp.DEFAULT_RHO, mask=mask, temperature=cfg.temperature
+                )
             if cfg.rho is None:
                 boundary = torch.zeros_like(mask)
             elif cfg.rho_entropy_scale > 0:
                 boundary = metrics.boundary_from_logprobs(logp, mask)  # outside the per-state safe set
             elif cfg.rho == dvp.DEFAULT_RHO:
                 boundary = tail  # the paper's ρ: the same cut as the tail count, no second pass
+            elif detached is None:
+                boundary = stats.outside(cfg.rho, mask)
             else:
                 boundary = metrics.boundary_tokens(
                     detached, rollout.tokens, cfg.rho, mask=mask, temperature=cfg.temperature
@@ -660,7 +709,9 @@ class RLOOTrainer:
         advantages, logp_old = batch.advantages, batch.logp_old  # (N,), (N, T)
         grad_norm = torch.zeros(())
         for epoch in range(cfg.ppo_epochs):
-            if epoch > 0:
+            if epoch > 0 and head is not None:
+                logp = self._fused_stats(rollout, head).logp
+            elif epoch > 0:
                 logp = self._token_stats(self._forward(rollout), rollout.tokens)[0].logp
             loss, loss_stats = batch.loss(
                 logp,
@@ -692,13 +743,17 @@ class RLOOTrainer:
         n_tok = int(mask.sum())
         delta = (rollout.logprobs - logp_old)[tail]
         # Tail draws judged on the full vocabulary (logp_old is π^mp under DVP; the tail is about π).
-        tail_logp = (
-            torch.log_softmax(detached[tail].float() / cfg.temperature, dim=-1)
-            .gather(-1, rollout.tokens[tail][:, None])
-            .squeeze(-1)
-            if bool(tail.any())
-            else torch.zeros(0)
-        )  # (n_tail,)
+        if not bool(tail.any()):
+            tail_logp = torch.zeros(0)
+        elif detached is None:
+            assert stats.full_logp is not None  # lm_head_token_stats always fills it
+            tail_logp = stats.full_logp[tail]  # (n_tail,)
+        else:
+            tail_logp = (
+                torch.log_softmax(detached[tail].float() / cfg.temperature, dim=-1)
+                .gather(-1, rollout.tokens[tail][:, None])
+                .squeeze(-1)
+            )  # (n_tail,)
         tail_rows = tail.any(-1)  # (N,)
         step_s = time.perf_counter() - t0
         out: dict[str, float] = {
