@@ -400,3 +400,43 @@ def test_trains_on_real_vllm_rollouts_and_syncs_weights_every_step(tmp_path, tok
     assert engine_gap() > 1e-3
     sync(model)
     assert engine_gap() < 1e-5
+
+
+@pytest.mark.parametrize("rho", [0.02, None])
+def test_fused_lm_head_gives_the_logits_paths_batch_loss_and_gradients(tmp_path, tokenizer, rho) -> None:
+    """dvp_fused_head (default): log π^mp from the backbone's hidden states and the head, logits never built —
+    the same old log-probs, boundary mask, weights, advantages, metrics, loss and gradients as the logits path."""
+    got = {}
+    for fused in (True, False):
+        trainer = make_trainer(
+            tmp_path,
+            tokenizer,
+            rollout_func=uniform_rollout(2),
+            logit_scale=30.0,
+            dvp_rho=rho,
+            dvp_fused_head=fused,
+            is_mode="token_tis",
+            is_hi=5.0,
+        )
+        assert (trainer._dvp_head(trainer.model) is not None) == fused
+        trainer.model.train()
+        inputs = trainer._generate_and_score_completions(rows())
+        loss = trainer.compute_loss(trainer.model, inputs)
+        grads = torch.autograd.grad(loss, list(trainer.model.parameters()))
+        logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        got[fused] = (inputs, loss, grads, logged)
+    (a, loss_a, grads_a, log_a), (b, loss_b, grads_b, log_b) = got[True], got[False]
+    assert torch.equal(a["completion_ids"], b["completion_ids"])
+    for key in ("old_per_token_logps", "dvp_weights", "advantages"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+    assert torch.equal(a["dvp_keep"], b["dvp_keep"])
+    if rho is not None:
+        assert not bool(a["dvp_keep"][a["completion_mask"].bool()].all())  # boundary tokens really dropped
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    assert set(log_a) == set(log_b)
+    for key in log_a:
+        assert math.isclose(log_a[key], log_b[key], rel_tol=1e-5, abs_tol=1e-5) or (
+            math.isnan(log_a[key]) and math.isnan(log_b[key])
+        ), key

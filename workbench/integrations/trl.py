@@ -4,10 +4,16 @@
 with four narrow overrides; everything else — data loading, generation, reward functions, logging,
 checkpointing, distributed plumbing — is TRL's own. How it departs from the stock trainer:
 
-1. **Per-token log-probs are ``log π^mp``** (:func:`workbench.dvp.token_stats` with ``ρ = dvp_rho``) instead
-   of TRL's fused full-vocabulary log-softmax. TRL's fused LM head never materialises the logits; DVP needs
-   them (the safe set is defined by the row maximum), so the override runs the model's ordinary forward with
-   ``logits_to_keep`` and materialises ``(micro_batch, completion_len, V)`` logits per chunk.
+1. **Per-token log-probs are ``log π^mp``** (ρ = ``dvp_rho``) instead of TRL's fused full-vocabulary
+   log-softmax, and like TRL's they come from a fused LM head that never materialises the logits:
+   :func:`workbench.dvp.lm_head_token_stats` on the backbone's final hidden states and the output layer
+   (the safe set needs the row maximum, which it computes block by block). The override runs the model's own
+   forward (so DDP, PEFT and autocast wrap it as usual) with ``logits_to_keep=1``, takes the hidden states
+   from a forward hook on the backbone, and casts them and the head as ``F.linear`` under the active autocast
+   would. Models whose logits are not ``lm_head(hidden)`` (soft-capping, logit scaling: see
+   :func:`workbench.models.fused_head_parts`), a PEFT adapter on ``lm_head``, FSDP / DeepSpeed ZeRO-3 (sharded
+   head) and ``dvp_fused_head=False`` fall back to :func:`workbench.dvp.token_stats` on
+   ``(micro_batch, completion_len, V)`` logits per chunk; the numbers agree up to float rounding.
 2. **The rollout samples from ``μ^mp`` with the same ρ**: :class:`DVPGRPOConfig` sets TRL's ``min_p = ρ``
    (vLLM and ``transformers.generate`` both apply min-p after temperature, the same rule as
    :func:`workbench.dvp.safe_mask`) and refuses ``top_p``/``top_k``/repetition penalties, which would make the
@@ -63,12 +69,40 @@ except ImportError as err:  # pragma: no cover - exercised only without TRL
         "workbench.integrations.trl needs TRL: pip install 'trl>=1.0' (or pip install -e '.[bench]')"
     ) from err
 
-from workbench import dvp, metrics
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from workbench import dvp, metrics, models
 from workbench.engines.vllm_engine import vllm_on_cpu
 from workbench.importance import IS_METRIC_DOCS, ISConfig
 from workbench.rloo import BATCH_METRIC_DOCS, LOSS_METRIC_DOCS, corrected_batch, policy_loss
 
 __all__ = ["TRAINER_METRIC_DOCS", "DVPGRPOConfig", "DVPGRPOTrainer", "engine_rollout_func"]
+
+
+def _fused_head_stats(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    tokens: torch.Tensor,
+    rho: float | None,
+    temperature: float,
+    chunk_size: int,
+) -> dvp.TokenStats:
+    """:func:`workbench.dvp.lm_head_token_stats` with the dtypes ``lm_head(hidden)`` would use: the autocast
+    dtype when autocast is on, else the head's (TRL's ``cast_lm_head_to_fp32`` upcasts the hidden states)."""
+    weight, bias = lm_head.weight, lm_head.bias
+    hidden = hidden.to(weight.device)  # a model split across devices may end elsewhere
+    kind = hidden.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+    return dvp.lm_head_token_stats(
+        hidden.to(dtype),
+        weight.to(dtype),
+        tokens,
+        rho,
+        bias=None if bias is None else bias.to(dtype),
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+
 
 _OWN_METRIC_DOCS: dict[str, str] = {
     "dvp/rollout_logprobs": "1.0 when the engine returned per-token log-probs (vLLM or a rollout_func); 0.0 "
@@ -115,6 +149,9 @@ class DVPGRPOConfig(GRPOConfig):
     ``min_p = ρ``. ``None`` disables DVP (full-vocabulary log-probs, no min-p)."""
     dvp_chunk_size: int = 1024
     """Rows per chunk of the memory-lean DVP log-prob kernel."""
+    dvp_fused_head: bool = True
+    """DVP log-probs from the final hidden states and the output layer, logits never materialised (module
+    docstring, point 1); ``False`` (or a model it cannot see through) uses the logits."""
     is_mode: str = "token_mis"
     """Importance-sampling correction on (trainer, engine) log-probs: one of ``workbench.importance.IS_MODES``."""
     is_lo: float | None = None
@@ -320,29 +357,48 @@ class DVPGRPOTrainer(GRPOTrainer):
         parts: list[dvp.TokenStats] = []
         bounds: list[torch.Tensor] = []
         aux: list[torch.Tensor] = []
+        head = self._dvp_head(model)
         for start in range(0, rows, step):
             ids = input_ids[start : start + step]  # (b, P+C)
+            tokens = ids[:, -logits_to_keep:]  # (b, C)
             model_inputs: dict[str, Any] = {
                 "input_ids": ids,
                 "attention_mask": attention_mask[start : start + step],
-                "logits_to_keep": logits_to_keep + 1,
+                # fused: the model's head runs on the last position only; its input comes from the hook
+                "logits_to_keep": 1 if head is not None else logits_to_keep + 1,
                 "use_cache": False,
             }
             if compute_aux_loss:
                 model_inputs["output_router_logits"] = True
-            with self.accelerator.autocast():
-                out = model(**model_inputs)  # the model's own forward: TRL's fused head stays off
-            logits = out.logits[:, :-1]  # (b, C, V): position P-1+t predicts completion token t
-            tokens = ids[:, -logits_to_keep:]  # (b, C)
-            parts.append(
-                dvp.token_stats(
+            if head is None:
+                with self.accelerator.autocast():
+                    out = model(**model_inputs)  # the model's own forward: TRL's fused head stays off
+                logits = out.logits[:, :-1]  # (b, C, V): position P-1+t predicts completion token t
+                st = dvp.token_stats(
                     logits, tokens, rho, chunk_size=args.dvp_chunk_size, temperature=self.temperature
                 )
-            )
-            with torch.no_grad():
-                bounds.append(
-                    metrics.boundary_tokens(logits.detach(), tokens, rho, temperature=self.temperature)
+                with torch.no_grad():
+                    bounds.append(
+                        metrics.boundary_tokens(logits.detach(), tokens, rho, temperature=self.temperature)
+                    )
+            else:
+                backbone, lm_head = head
+                seen: list[torch.Tensor] = []
+                hook = backbone.register_forward_hook(
+                    lambda _m, _a, o, seen=seen: seen.append(o.last_hidden_state)
                 )
+                try:
+                    with self.accelerator.autocast():
+                        out = model(**model_inputs)
+                        # (b, C, H): position P-1+t predicts completion token t
+                        hidden = seen[-1][:, -logits_to_keep - 1 : -1]
+                        st = _fused_head_stats(
+                            hidden, lm_head, tokens, rho, self.temperature, args.dvp_chunk_size
+                        )
+                finally:
+                    hook.remove()
+                bounds.append(st.outside(rho))
+            parts.append(st)
             if compute_aux_loss:
                 aux.append(out.aux_loss)
         stats = dvp.TokenStats(
@@ -353,6 +409,13 @@ class DVPGRPOTrainer(GRPOTrainer):
         )
         aux_loss = torch.stack(aux).mean() if compute_aux_loss else None
         return _Forward(stats=stats, boundary=torch.cat(bounds), aux_loss=aux_loss)
+
+    def _dvp_head(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+        """``(backbone, output layer)`` for the fused LM-head path, or None for the logits path (point 1)."""
+        args: DVPGRPOConfig = self.args  # type: ignore[assignment]
+        if not args.dvp_fused_head or getattr(self, "is_fsdp_enabled", False) or is_deepspeed_zero3_enabled():
+            return None
+        return models.fused_head_parts(self.accelerator.unwrap_model(model))
 
     def _get_per_token_logps_and_entropies(
         self,
