@@ -70,7 +70,7 @@ def _members(annotation: Any) -> list[Any]:
 
 
 def _type_name(annotation: Any) -> str:
-    """``int``, ``float | none``, ``JSON object`` …: what a flag of this type accepts, for help and errors."""
+    """What a flag of this type accepts (``int``, ``float | none`` …), for help and errors."""
     names = {type(None): "none", Mapping: "JSON object"}
     return " | ".join(names.get(m, getattr(m, "__name__", str(m))) for m in _members(annotation))
 
@@ -110,7 +110,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(RLOOConfig, globalns=vars(sys.modules["workbench.trainer"]))
     for f in dataclasses.fields(RLOOConfig):
         ann = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        factory = f.default_factory
+        default = f.default if f.default is not dataclasses.MISSING else factory()  # type: ignore[misc]
         group.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f"cfg_{f.name}",

@@ -70,7 +70,7 @@ def prop55_on_policy(
     model: torch.nn.Module,
     tokenizer: Any,
     task: Any,
-    rhos: Sequence[float] = (1e-1, 1e-2, 1e-4, math.exp(-13)),
+    rhos: Sequence[float] = (1e-1, 1e-2, 1e-4, dvp.DEFAULT_RHO),
     *,
     n_trajectories: int = 1024,
     k: int = 4,

@@ -36,6 +36,10 @@ import torch
 
 from workbench import dvp, metrics, models
 from workbench.experiments.runner import json_clean
+from workbench.theory.prop42 import logit_error, prop42_envelope
+
+#: log ρ of the tail proper: the log of the paper's ρ, :data:`workbench.dvp.DEFAULT_RHO` (e^-13).
+TAIL_LOG_RHO = math.log(dvp.DEFAULT_RHO)
 
 __all__ = [
     "LogitRecorder",
@@ -47,9 +51,6 @@ __all__ = [
     "measure_signature",
     "probe_batches",
 ]
-
-#: log ρ of the tail proper (the paper's e^-13 safe-set edge).
-TAIL_LOG_RHO = -13.0
 
 
 class LogitRecorder:
@@ -210,14 +211,13 @@ def envelope_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per valid sampled token: ``|Δ|``, ``ε`` and the trainer probability ``p`` (all ``(n,)`` float64).
 
-    ``ε = ½ (max_b δ_b − min_b δ_b)`` with ``δ = z_engine − z_train``: softmax ignores a constant shift,
-    and this is the smallest ``‖δ − c‖_∞`` over shifts ``c``.
+    ``ε`` is :func:`workbench.theory.logit_error`: ``½ (max_b δ_b − min_b δ_b)`` with ``δ = z_engine − z_train``
+    (softmax ignores a constant shift, and this is the smallest ``‖δ − c‖_∞`` over shifts ``c``).
     """
     zt = logits_train[mask].double()  # (n, V)
     ze = logits_engine[mask].double()  # (n, V)
     tok = tokens[mask].long()[:, None]  # (n, 1)
-    delta = ze - zt  # (n, V)
-    eps = 0.5 * (delta.amax(-1) - delta.amin(-1))  # (n,)
+    eps = logit_error(zt, ze)  # (n,)
     lp_t = torch.log_softmax(zt, -1).gather(-1, tok).squeeze(-1)  # (n,)
     lp_e = torch.log_softmax(ze, -1).gather(-1, tok).squeeze(-1)  # (n,)
     return (lp_e - lp_t).abs(), eps, lp_t.exp()
@@ -250,8 +250,8 @@ def envelope_stats(gap: torch.Tensor, eps: torch.Tensor, p: torch.Tensor) -> dic
             "ratio_first_order_median": math.nan,
             "ratio_first_order_max": math.nan,
         }
-    exact = 2 * eps * (1 - p * torch.exp(-2 * eps))
-    first = 2 * eps * (1 - p)
+    exact = prop42_envelope(p.log(), eps)
+    first = prop42_envelope(p.log(), eps, exact=False)
     ok = first > 0
     ratio = gap[ok] / first[ok]
     return {
