@@ -214,7 +214,7 @@ def test_all_rejected_batch_gives_zero_update_not_nan() -> None:
 
 def test_entropy_scaled_mask_reduces_to_the_fixed_safe_set_and_matches_a_reference() -> None:
     from workbench import dvp
-    from workbench.trainer import entropy_scaled_safe_mask
+    from workbench.dvp import entropy_scaled_safe_mask
 
     g = torch.Generator().manual_seed(0)
     z = 4 * torch.randn(6, 5, 40, generator=g)  # (B, T, V)

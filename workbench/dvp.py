@@ -67,6 +67,7 @@ __all__ = [
     "DEFAULT_RHO",
     "MASK_MARGIN",
     "TokenStats",
+    "entropy_scaled_safe_mask",
     "fused_token_logprobs",
     "lm_head_token_logprobs",
     "lm_head_token_logprobs_reference",
@@ -1294,3 +1295,29 @@ def lm_head_token_logprobs_reference(
     """
     logits = F.linear(hidden, weight, bias)  # (..., V)
     return token_logprobs_reference(logits, tokens, rho, temperature=temperature)
+
+
+def entropy_scaled_safe_mask(
+    logits: torch.Tensor, log_rho: float, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-state safe set with ``log ρ(s) = log_rho · (1 + κ H(s))``, ``H`` the entropy of ``softmax(logits)``.
+
+    Args:
+        logits: ``(..., V)`` processed logits (temperature applied).
+        log_rho: base ``log ρ`` (< 0 prunes; e.g. −13).
+        kappa: entropy scale κ ≥ 0 (0: the fixed-ρ safe set of :func:`workbench.dvp.safe_mask`).
+
+    Returns:
+        ``keep (..., V)`` bool (the argmax always kept) and ``log ρ(s) (...)``.
+
+    >>> z = torch.tensor([[0.0, -5.0, -12.0], [0.0, 0.0, -12.0]])
+    >>> keep, lr = entropy_scaled_safe_mask(z, -10.0, 0.5)
+    >>> keep.tolist(), [round(x, 2) for x in lr.tolist()]
+    ([[True, True, False], [True, True, True]], [-10.2, -13.47])
+    """
+    z = logits.float()
+    logp = torch.log_softmax(z, -1)  # (..., V)
+    entropy = -(logp.exp() * logp).sum(-1)  # (...,)
+    lr = log_rho * (1 + kappa * entropy)  # (...,)
+    keep = z >= z.amax(-1, keepdim=True) + lr[..., None]  # (..., V)
+    return keep, lr

@@ -378,57 +378,6 @@ TRAINER_METRIC_DOCS: dict[str, str] = {
 }
 
 
-def entropy_scaled_safe_mask(
-    logits: torch.Tensor, log_rho: float, kappa: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-state safe set with ``log ρ(s) = log_rho · (1 + κ H(s))``, ``H`` the entropy of ``softmax(logits)``.
-
-    Args:
-        logits: ``(..., V)`` processed logits (temperature applied).
-        log_rho: base ``log ρ`` (< 0 prunes; e.g. −13).
-        kappa: entropy scale κ ≥ 0 (0: the fixed-ρ safe set of :func:`workbench.dvp.safe_mask`).
-
-    Returns:
-        ``keep (..., V)`` bool (the argmax always kept) and ``log ρ(s) (...)``.
-
-    >>> z = torch.tensor([[0.0, -5.0, -12.0], [0.0, 0.0, -12.0]])
-    >>> keep, lr = entropy_scaled_safe_mask(z, -10.0, 0.5)
-    >>> keep.tolist(), [round(x, 2) for x in lr.tolist()]
-    ([[True, True, False], [True, True, True]], [-10.2, -13.47])
-    """
-    z = logits.float()
-    logp = torch.log_softmax(z, -1)  # (..., V)
-    entropy = -(logp.exp() * logp).sum(-1)  # (...,)
-    lr = log_rho * (1 + kappa * entropy)  # (...,)
-    keep = z >= z.amax(-1, keepdim=True) + lr[..., None]  # (..., V)
-    return keep, lr
-
-
-class EntropyScaledMinP:
-    """Engine-side logits processor of the entropy-scaled ρ: mask logits outside the per-state safe set.
-
-    Applied after the engine's own perturbation (``inner``), on the logits the engine samples from, so
-    the engine's entropy (not the trainer's) sets its cut — as a real engine's logits processor would.
-    Masked logits become ``-inf``; the engine's processed log-probs are then renormalised over the set.
-    A KV-cache hook of ``inner`` is passed through.
-    """
-
-    def __init__(self, log_rho: float, kappa: float, inner: Any | None = None) -> None:
-        self.log_rho, self.kappa, self.inner = log_rho, kappa, inner
-        kv = getattr(inner, "kv_transform", None)
-        if kv is not None:
-            self.kv_transform = kv
-
-    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        z = self.inner(logits, generator) if self.inner is not None else logits
-        keep, _ = entropy_scaled_safe_mask(z, self.log_rho, self.kappa)
-        return z.masked_fill(~keep, float("-inf"))
-
-    def __str__(self) -> str:
-        base = f"entropy_min_p(log_rho={self.log_rho:g}, kappa={self.kappa:g})"
-        return base if self.inner is None else f"{self.inner}+{base}"
-
-
 #: Keys that are ``nan`` when their selection is empty (no tail draw, no low-p token) instead of a made-up 0.
 NAN_WHEN_EMPTY: frozenset[str] = frozenset(
     {
@@ -554,7 +503,9 @@ class RLOOTrainer:
         perturbation = engines.make_perturbation(cfg.perturbation)
         if cfg.rho_entropy_scale > 0:
             assert cfg.rho is not None  # checked in RLOOConfig
-            perturbation = EntropyScaledMinP(math.log(cfg.rho), cfg.rho_entropy_scale, inner=perturbation)
+            perturbation = engines.EntropyScaledMinP(
+                math.log(cfg.rho), cfg.rho_entropy_scale, inner=perturbation
+            )
         return engines.make_engine(
             cfg.engine, self.model, self.tokenizer, dtype=cfg.engine_dtype, perturbation=perturbation
         )
@@ -628,7 +579,7 @@ class RLOOTrainer:
             return stats, torch.full(tokens.shape, math.log(cfg.rho), device=tokens.device)
         with torch.no_grad():
             z = logits.detach().float() / cfg.temperature  # (N, T, V)
-            keep, log_rho = entropy_scaled_safe_mask(z, math.log(cfg.rho), cfg.rho_entropy_scale)
+            keep, log_rho = dvp.entropy_scaled_safe_mask(z, math.log(cfg.rho), cfg.rho_entropy_scale)
             top = z.amax(-1, keepdim=True)  # (N, T, 1)
             logz = torch.logsumexp(z.masked_fill(~keep, float("-inf")), -1) - torch.logsumexp(z, -1)  # (N, T)
         masked = torch.where(keep, logits.float() / cfg.temperature, top - dvp.MASK_MARGIN)  # (N, T, V)

@@ -13,6 +13,7 @@ from workbench.engines.base import Rollout, RolloutEngine, left_pad, position_id
 from workbench.engines.factory import ENGINE_KINDS, make_engine
 from workbench.engines.perturbations import (
     Compose,
+    EntropyScaledMinP,
     GaussianLogitNoise,
     KVCacheQuant,
     LogitRounding,
@@ -28,6 +29,7 @@ __all__ = [
     "ENGINE_DTYPES",
     "ENGINE_KINDS",
     "Compose",
+    "EntropyScaledMinP",
     "GaussianLogitNoise",
     "KVCacheQuant",
     "LogitRounding",

@@ -44,10 +44,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from workbench import dvp
+
 __all__ = [
     "PERTURBATION_KINDS",
     "ROUNDING_FORMATS",
     "Compose",
+    "EntropyScaledMinP",
     "GaussianLogitNoise",
     "KVCacheQuant",
     "LogitRounding",
@@ -417,3 +420,28 @@ def make_perturbation(spec: str | Mapping[str, Any] | Sequence[Any] | Perturbati
     if callable(spec):
         return spec
     raise _bad(spec, f"unsupported type {type(spec).__name__}")
+
+
+class EntropyScaledMinP:
+    """Engine-side logits processor of the entropy-scaled ρ: mask logits outside the per-state safe set.
+
+    Applied after the engine's own perturbation (``inner``), on the logits the engine samples from, so
+    the engine's entropy (not the trainer's) sets its cut — as a real engine's logits processor would.
+    Masked logits become ``-inf``; the engine's processed log-probs are then renormalised over the set.
+    A KV-cache hook of ``inner`` is passed through.
+    """
+
+    def __init__(self, log_rho: float, kappa: float, inner: Any | None = None) -> None:
+        self.log_rho, self.kappa, self.inner = log_rho, kappa, inner
+        kv = getattr(inner, "kv_transform", None)
+        if kv is not None:
+            self.kv_transform = kv
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = self.inner(logits, generator) if self.inner is not None else logits
+        keep, _ = dvp.entropy_scaled_safe_mask(z, self.log_rho, self.kappa)
+        return z.masked_fill(~keep, float("-inf"))
+
+    def __str__(self) -> str:
+        base = f"entropy_min_p(log_rho={self.log_rho:g}, kappa={self.kappa:g})"
+        return base if self.inner is None else f"{self.inner}+{base}"

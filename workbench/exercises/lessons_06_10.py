@@ -24,7 +24,7 @@ checker                                lesson  reference
 :func:`check_processed_log_ratio`      09      :func:`workbench.dvp.token_logprobs` minus the engine's log μ^mp
 :func:`check_grpo_advantages`          10      :func:`workbench.rloo.grpo_advantages`
 :func:`check_ppo_clip_loss`            10      :func:`workbench.rloo.policy_loss` (ppo_clip)
-:func:`check_entropy_scaled_log_rho`   10      :func:`workbench.trainer.entropy_scaled_safe_mask`
+:func:`check_entropy_scaled_log_rho`   10      :func:`workbench.dvp.entropy_scaled_safe_mask`
 =====================================  ======  ===========================================================
 """
 
@@ -507,9 +507,9 @@ def check_entropy_scaled_log_rho(fn: Callable[[torch.Tensor, float, float], torc
 
     Returns:
         :class:`~workbench.exercises.base.Passed` when ``fn`` agrees with
-        :func:`workbench.trainer.entropy_scaled_safe_mask`.
+        :func:`workbench.dvp.entropy_scaled_safe_mask`.
     """
-    from workbench.trainer import entropy_scaled_safe_mask
+    from workbench.dvp import entropy_scaled_safe_mask
 
     name = "check_entropy_scaled_log_rho"
     cases = [
