@@ -584,7 +584,18 @@ class RLOOTrainer:
             logz = torch.logsumexp(z.masked_fill(~keep, float("-inf")), -1) - torch.logsumexp(z, -1)  # (N, T)
         masked = torch.where(keep, logits.float() / cfg.temperature, top - dvp.MASK_MARGIN)  # (N, T, V)
         inner = dvp.token_stats(masked, tokens, None, chunk_size=cfg.chunk_size)
-        stats = dvp.TokenStats(logp=inner.logp, logz=logz, entropy=inner.entropy, safe_size=keep.sum(-1))
+        # The token's place in the *unpruned* row (gap, full log π): the tail count and its log π read it.
+        full = dvp.token_stats(
+            logits.detach(), tokens, None, chunk_size=cfg.chunk_size, temperature=cfg.temperature
+        )
+        stats = dvp.TokenStats(
+            logp=inner.logp,
+            logz=logz,
+            entropy=inner.entropy,
+            safe_size=keep.sum(-1),
+            gap=full.gap,
+            full_logp=full.full_logp,
+        )
         return stats, log_rho
 
     def step(self) -> dict[str, float]:
@@ -613,37 +624,21 @@ class RLOOTrainer:
         t1 = time.perf_counter()
         mask = rollout.mask  # (N, T)
         head = self._head()
-        detached: torch.Tensor | None = None  # the logits, on the logits path only
         if head is not None:  # fused LM head: (N, T, V) logits never exist
             stats = self._fused_stats(rollout, head)
             log_rho = (
                 None if cfg.rho is None else torch.full(mask.shape, math.log(cfg.rho), device=mask.device)
             )
         else:
-            logits = self._forward(rollout)  # (N, T, V)
-            stats, log_rho = self._token_stats(logits, rollout.tokens)
-            detached = logits.detach()
+            stats, log_rho = self._token_stats(self._forward(rollout), rollout.tokens)
         logp = stats.logp  # (N, T), differentiable
-        with torch.no_grad():
-            # Tail draws: outside the e^-13 safe set whatever ρ this run trains with.
-            if detached is None:
-                tail = stats.outside(dvp.DEFAULT_RHO, mask)
-            else:
-                tail = metrics.boundary_tokens(
-                    detached, rollout.tokens, dvp.DEFAULT_RHO, mask=mask, temperature=cfg.temperature
-                )
-            if cfg.rho is None:
-                boundary = torch.zeros_like(mask)
-            elif cfg.rho_entropy_scale > 0:
-                boundary = metrics.boundary_from_logprobs(logp, mask)  # outside the per-state safe set
-            elif cfg.rho == dvp.DEFAULT_RHO:
-                boundary = tail  # the paper's ρ: the same cut as the tail count, no second pass
-            elif detached is None:
-                boundary = stats.outside(cfg.rho, mask)
-            else:
-                boundary = metrics.boundary_tokens(
-                    detached, rollout.tokens, cfg.rho, mask=mask, temperature=cfg.temperature
-                )
+        # Tail draws: outside the e^-13 safe set whatever ρ this run trains with. Boundary tokens: outside the
+        # trainer's own safe set — one rule, read off the token's gap to its row max (no logits needed).
+        tail = stats.outside(dvp.DEFAULT_RHO, mask)  # (N, T)
+        if cfg.rho_entropy_scale > 0:
+            boundary = metrics.boundary_from_logprobs(logp, mask)  # outside the per-state safe set
+        else:
+            boundary = stats.outside(cfg.rho, mask)  # all False when ρ is None
         batch = corrected_batch(
             logp,
             rollout.logprobs,
@@ -694,17 +689,8 @@ class RLOOTrainer:
         n_tok = int(mask.sum())
         delta = (rollout.logprobs - logp_old)[tail]
         # Tail draws judged on the full vocabulary (logp_old is π^mp under DVP; the tail is about π).
-        if not bool(tail.any()):
-            tail_logp = torch.zeros(0)
-        elif detached is None:
-            assert stats.full_logp is not None  # lm_head_token_stats always fills it
-            tail_logp = stats.full_logp[tail]  # (n_tail,)
-        else:
-            tail_logp = (
-                torch.log_softmax(detached[tail].float() / cfg.temperature, dim=-1)
-                .gather(-1, rollout.tokens[tail][:, None])
-                .squeeze(-1)
-            )  # (n_tail,)
+        assert stats.full_logp is not None  # token_stats / lm_head_token_stats always fill it
+        tail_logp = stats.full_logp[tail]  # (n_tail,)
         tail_rows = tail.any(-1)  # (N,)
         step_s = time.perf_counter() - t0
         out: dict[str, float] = {
