@@ -29,7 +29,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,13 +98,13 @@ def worker(method: str, dtype: str, cfg: dict[str, Any], threads: int | None) ->
                 )
             return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
     elif method == "vllm":
-        import tempfile
-
         from workbench.engines import VLLMEngine
-        from workbench.models import build_tokenizer, save_policy
+        from workbench.models import build_tokenizer
 
-        path = save_policy(model, build_tokenizer(cfg["vocab"]), Path(tempfile.mkdtemp()) / "policy")
-        engine = VLLMEngine(path, dtype=dtype, max_model_len=cfg["prompt_len"] + n_new)
+        # Saves the weights to a temporary directory that goes with the engine.
+        engine = VLLMEngine.from_trainer_model(
+            model, build_tokenizer(cfg["vocab"]), dtype=dtype, max_model_len=cfg["prompt_len"] + n_new
+        )
         del model
         prompts = ids.tolist()
 

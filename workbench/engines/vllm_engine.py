@@ -94,9 +94,10 @@ def vllm_unavailable_reason() -> str | None:
 
 def _check_servable(config: Any, on_cpu: bool) -> None:
     """Fail before vLLM starts on a model it would reject (CPU head width) or silently misread (Qwen2)."""
-    heads = int(config.num_attention_heads)
-    natural = int(config.hidden_size) // heads
-    head_dim = int(getattr(config, "head_dim", None) or natural)
+    from workbench.models import head_dim_of
+
+    natural = int(config.hidden_size) // int(config.num_attention_heads)
+    head_dim = head_dim_of(config)
     if config.model_type == "qwen2" and head_dim != natural:
         raise ValueError(
             f"this Qwen2 config sets head_dim={head_dim} but vLLM's Qwen2 uses hidden_size // heads = {natural}; "
