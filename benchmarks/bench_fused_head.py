@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from bench_logprobs import synced
 
 from workbench.dvp import DEFAULT_RHO, lm_head_token_logprobs, token_logprobs, token_logprobs_reference
 from workbench.memory import peak_bytes
@@ -96,9 +97,17 @@ def run_case(
     rho: float,
     repeats: int,
     chunk_size: int | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
-    """Time and peak memory of every method in both modes, plus the fused/unfused agreement."""
-    h, w, tokens, upstream = make_inputs(rows, hidden, vocab, DTYPES[dtype_name], seed=vocab + hidden)
+    """Time and peak memory of every method in both modes, plus the fused/unfused agreement.
+
+    The inputs are built on the CPU (same numbers on every device) and moved to ``device``; on CUDA every
+    timed call ends with a synchronize and memory is the CUDA allocator's peak.
+    """
+    dev = torch.device(device)
+    h, w, tokens, upstream = (
+        x.to(dev) for x in make_inputs(rows, hidden, vocab, DTYPES[dtype_name], seed=vocab + hidden)
+    )
     fns = methods(h, w, tokens, rho, chunk_size)
     leaves = {"h": h.clone().requires_grad_(True), "w": w.clone().requires_grad_(True)}
     grad_bytes = sum(x.numel() * x.element_size() for x in leaves.values())
@@ -128,8 +137,8 @@ def run_case(
 
     out = []
     for mode, wrap in (("fwd", forward), ("fwd+bwd", forward_backward)):
-        calls = {name: wrap(fn) for name, fn in fns.items()}
-        peaks = {name: peak_bytes(call) for name, call in calls.items()}  # also the warm-up
+        calls = {name: synced(wrap(fn), dev) for name, fn in fns.items()}
+        peaks = {name: peak_bytes(call, dev) for name, call in calls.items()}  # also the warm-up
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(repeats):
             for name, call in calls.items():
@@ -177,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "--chunk-size", type=int, default=None, help="fused: logits rows per block (default: 64 MiB blocks)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="where the inputs live: cpu (default) or cuda")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     base_name = "trl selective_log_softmax" if selective_log_softmax is not None else "reference log_softmax"
     print(
         f"DVP log-probs from hidden states: N={rows}, H={hidden}, V={vocab}, rho={args.rho:.3g}, "
-        f"unmasked = {base_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"unmasked = {base_name}, torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
         f"repeats={repeats}, load average {os.getloadavg()[0]:.1f}"
     )
     header = (
@@ -200,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print("-" * len(header))
     results: list[dict] = []
     for dtype_name in args.dtypes:
-        case = run_case(rows, hidden, vocab, dtype_name, args.rho, repeats, args.chunk_size)
+        case = run_case(rows, hidden, vocab, dtype_name, args.rho, repeats, args.chunk_size, args.device)
         results += case
         for r in case:
             sel = {q["method"]: q for q in case if q["mode"] == r["mode"]}

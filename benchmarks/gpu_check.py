@@ -1,11 +1,17 @@
-"""GPU check: the RLOO trainer, ``TorchEngine`` and DVP log-probs on CUDA at bf16, in at most 8 minutes.
+"""GPU check: the RLOO trainer, ``TorchEngine``, DVP log-probs and the fused LM head on CUDA, in ≈ 8 minutes.
 
-Issue 9, item 7. One script for a GPU machine with torch and transformers but no vLLM, no TRL and no
-network. It runs three sections against one time budget (``--budget-s``, default 480 s) and writes
-``gpu_check.json`` and ``gpu_check.log`` to ``--out``:
+Issues 9 (item 7), 15 (item 4) and 14 (item 4). One script for a GPU machine with torch and transformers
+but no vLLM, no TRL and no network. It runs its sections against one time budget (``--budget-s``, default
+480 s) and writes ``gpu_check.json`` and ``gpu_check.log`` to ``--out``:
 
 1. ``env``: Python, torch, transformers and workbench versions, git commit, GPU name and memory, CUDA.
-2. ``rloo``: a Qwen2 policy built from a config (vocab 151,936, hidden 768, 12 layers of 12 heads, SwiGLU
+2. ``logprobs``: ``benchmarks/bench_logprobs.py``'s ``run_case`` on CUDA at V = 151,936 (fp32 and bf16):
+   time and peak CUDA memory of DVP's log-probs (``ρ = e^-13``) against the unmasked reference
+   ``log_softmax(z).gather`` and the naive masked version.
+3. ``fused_head``: ``benchmarks/bench_fused_head.py``'s ``run_case`` on CUDA at the issue's size (N 4,096
+   hidden states, H 1,024, V 151,936; fp32 and bf16): the fused LM head against ``F.linear`` + our masked
+   kernel and the unmasked log-softmax, forward and forward+backward, time and extra peak memory.
+4. ``rloo``: a Qwen2 policy built from a config (vocab 151,936, hidden 768, 12 layers of 12 heads, SwiGLU
    2,048, tied embeddings: ≈ 202 M parameters, seeded random init, nothing downloaded) trained by
    :class:`workbench.trainer.RLOOTrainer` with ``device="cuda"``, trainer and ``TorchEngine`` both bf16,
    for ``--steps`` RLOO steps per arm of :data:`workbench.experiments.presets.ARMS` (default ``naive``
@@ -13,20 +19,22 @@ network. It runs three sections against one time budget (``--budget-s``, default
    boundary tokens, step time; per arm: median step time after the first (warm-up) step, tokens/s and
    the peak CUDA memory of the arm (weights, engine copy, AdamW state, activations); then each arm's
    step time and memory relative to the first arm.
-3. ``logprobs``: ``benchmarks/bench_logprobs.py``'s ``run_case`` on CUDA at V = 151,936 (fp32 and bf16):
-   time and peak CUDA memory of DVP's log-probs (``ρ = e^-13``) against the unmasked reference
-   ``log_softmax(z).gather`` and the naive masked version.
+5. ``horizon`` (only with ``--horizon``): the horizon study of issue 14 at a larger model size — per
+   horizon (six posed additions ≈ 64 tokens, then two ≈ 24), an SFT warm start of a 4.5 M-parameter
+   policy trained on the GPU, then the ``floor12`` scenario's ``dvp_mis``, ``naive`` and ``control`` arms
+   from it (one seed, ``hz_steps`` steps): clean-eval reward, damage against the control, k1, tail draws
+   per sequence, grad-norm spikes; each horizon's runs are also saved as ``horizon/n<problems>/``.
 
-This is a systems check, not a learning one: the random-init policy earns ~0 reward on the addition task
-(so advantages and gradients are ~0) and its near-uniform logits put the whole vocabulary in the e^-13
-safe set. What it shows: that every piece runs on CUDA, how fast, with how much memory, and the bf16
-mismatch between the engine's KV-cache decode and the trainer's full forward on a real GPU.
+The RLOO section is a systems check, not a learning one: the random-init policy earns ~0 reward on the
+addition task (so advantages and gradients are ~0) and its near-uniform logits put the whole vocabulary in
+the e^-13 safe set. What it shows: that every piece runs on CUDA, how fast, with how much memory, and the
+bf16 mismatch between the engine's KV-cache decode and the trainer's full forward on a real GPU.
 
-Budget: before building the model, before each arm and each step, and before each log-prob case, a
-section compares the time left with the longest such unit so far (plus what the log-prob section needs,
-while RLOO runs) and skips the rest with a note in the log and the JSON. Both files are rewritten
-atomically after every section, so a run stopped from outside keeps the sections it finished. A section
-that raises is recorded with its traceback and the next one still runs; the exit status is then 1.
+Budget: before each unit of work (a log-prob case, the model build, an arm, a step, a warm start) a
+section compares the time left with the longest such unit so far (plus what later sections reserve)
+and skips the rest with a note in the log and the JSON. Both files are rewritten atomically after every
+section, so a run stopped from outside keeps the sections it finished. A section that raises is
+recorded with its traceback and the next one still runs; the exit status is then 1.
 
 ``--dry-run`` runs the same functions on the CPU at tiny sizes (well under a minute); the tests run it.
 
@@ -52,15 +60,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bench_fused_head
 import torch
 import transformers
 from bench_logprobs import run_case
 
 import workbench
-from workbench import models
+from workbench import models, sft
 from workbench.dvp import DEFAULT_RHO
+from workbench.experiments.collapse import DEFAULT_CRITERION
 from workbench.experiments.presets import ARMS
-from workbench.experiments.runner import atomic_write_json, atomic_write_text
+from workbench.experiments.runner import ArmResults, atomic_write_json, atomic_write_text, judge, run_one
 from workbench.memory import peak_bytes
 from workbench.trainer import RLOOConfig, RLOOTrainer
 
@@ -103,8 +113,26 @@ class Sizes:
     lp_repeats: int
     """Timed calls per method."""
     lp_case_s: float
-    """Seconds one log-prob case is expected to take before one has been measured (inputs built on the
-    CPU, agreement checks, timing, memory); the RLOO section leaves this much per dtype."""
+    """Seconds one log-prob or fused-head case is expected to take before one has been measured (inputs
+    built on the CPU, agreement checks, timing, memory)."""
+    fh_rows: int
+    """Hidden-state rows N of the fused-LM-head benchmark (issue 15)."""
+    fh_hidden: int
+    """Hidden size H of the fused-LM-head benchmark."""
+    fh_repeats: int
+    """Timed runs per method and mode of the fused-LM-head benchmark."""
+    hz_model: models.TinyModelConfig
+    """The horizon study's policy (issue 14): larger than the shipped 0.4 M-parameter ones."""
+    hz_sft_steps: int
+    """SFT steps of its warm start (batch 64), one per horizon."""
+    hz_lr: float
+    """SFT learning rate of the warm start."""
+    hz_problems: tuple[int, ...]
+    """Horizons as posed additions of the ``multiadd`` task (2 ≈ 24 tokens, 6 ≈ 64), run in this order."""
+    hz_steps: int
+    """RLOO steps per arm at each horizon (fewer if the budget runs out)."""
+    hz_reserve_s: float
+    """Seconds the RLOO section leaves for the horizon study when ``--horizon`` is on."""
 
 
 GPU = Sizes(
@@ -125,6 +153,17 @@ GPU = Sizes(
     lp_vocab=151_936,
     lp_repeats=10,
     lp_case_s=60.0,
+    fh_rows=4096,
+    fh_hidden=1024,
+    fh_repeats=5,
+    hz_model=models.TinyModelConfig(
+        hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768, max_position_embeddings=512
+    ),
+    hz_sft_steps=1500,
+    hz_lr=1e-3,
+    hz_problems=(6, 2),
+    hz_steps=100,
+    hz_reserve_s=240.0,
 )
 DRY_RUN = Sizes(
     model=models.TinyModelConfig(
@@ -139,7 +178,22 @@ DRY_RUN = Sizes(
     lp_vocab=2048,
     lp_repeats=2,
     lp_case_s=2.0,
+    fh_rows=64,
+    fh_hidden=32,
+    fh_repeats=1,
+    hz_model=models.TinyModelConfig(
+        vocab_size=512, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128
+    ),
+    hz_sft_steps=5,
+    hz_lr=1e-3,
+    hz_problems=(2,),
+    hz_steps=3,
+    hz_reserve_s=10.0,
 )
+#: The horizon study's scenario and arms: the headline floor; the reference (DVP + MIS) first, so each
+#: later run is judged against it, and the control, the ceiling that damage is measured from.
+HZ_SCENARIO = "floor12"
+HZ_ARMS: tuple[str, ...] = ("dvp_mis", "naive", "control")
 LP_DTYPES: tuple[str, ...] = ("fp32", "bf16")
 
 
@@ -287,10 +341,16 @@ def run_arm(
 
 
 def rloo_section(
-    report: Report, sizes: Sizes, device: torch.device, arms: Sequence[str], train_dtype: str, seed: int
+    report: Report,
+    sizes: Sizes,
+    device: torch.device,
+    arms: Sequence[str],
+    train_dtype: str,
+    seed: int,
+    reserve: float,
 ) -> dict[str, Any]:
-    """Section 2: the policy built from ``sizes.model``, then each arm's RLOO steps and a comparison."""
-    reserve = sizes.lp_case_s * len(LP_DTYPES)  # kept for the log-prob section
+    """The policy built from ``sizes.model``, then each arm's RLOO steps and a comparison; ``reserve``
+    seconds are left for the sections after it."""
     longest = 0.0  # longest step so far, any arm: what the next step is expected to need
 
     def need(rows: list[dict[str, float]]) -> float:
@@ -347,7 +407,7 @@ def rloo_section(
 
 
 def logprob_section(report: Report, sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """Section 3: ``bench_logprobs.run_case`` per dtype on ``device``: DVP vs the unmasked reference."""
+    """``bench_logprobs.run_case`` per dtype on ``device``: DVP vs the unmasked reference."""
     out: dict[str, Any] = {
         "rows": sizes.lp_rows,
         "seq": sizes.lp_seq,
@@ -395,6 +455,172 @@ def logprob_section(report: Report, sizes: Sizes, device: torch.device) -> dict[
     return out
 
 
+def fused_head_section(report: Report, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """``bench_fused_head.run_case`` per dtype on ``device`` at V = ``sizes.lp_vocab`` (issue 15, item 4):
+    the fused LM head vs ``F.linear`` + our masked kernel vs TRL's ``selective_log_softmax`` (or our
+    reference when TRL is absent), forward and forward+backward, time and peak memory."""
+    out: dict[str, Any] = {
+        "rows": sizes.fh_rows,
+        "hidden": sizes.fh_hidden,
+        "vocab": sizes.lp_vocab,
+        "rho": DEFAULT_RHO,
+        "repeats": sizes.fh_repeats,
+        "unmasked": "trl" if bench_fused_head.selective_log_softmax is not None else "reference",
+        "targets": {
+            "extra_memory": bench_fused_head.TARGET_MEMORY,
+            "fwd+bwd_time": bench_fused_head.TARGET_TIME,
+        },
+        "cases": {},
+    }
+    longest = sizes.lp_case_s
+    for dtype_name in LP_DTYPES:
+        if not report.budget.allows(longest):
+            report.skip("fused_head", f"{dtype_name}", longest)
+            continue
+        t0 = time.perf_counter()
+        rows = bench_fused_head.run_case(
+            sizes.fh_rows,
+            sizes.fh_hidden,
+            sizes.lp_vocab,
+            dtype_name,
+            DEFAULT_RHO,
+            sizes.fh_repeats,
+            device=str(device),
+        )
+        case: dict[str, Any] = {"rows": rows, "case_s": time.perf_counter() - t0}
+        for mode in ("fwd", "fwd+bwd"):
+            t_u, _, x_u = bench_fused_head.ratios(rows, dtype_name, mode, "unfused")
+            t_m, _, x_m = bench_fused_head.ratios(rows, dtype_name, mode, "unmasked")
+            case[mode] = {
+                "time_vs_unfused": t_u,
+                "extra_memory_vs_unfused": x_u,
+                "time_vs_unmasked": t_m,
+                "extra_memory_vs_unmasked": x_m,
+            }
+            report.say(
+                f"fused_head N={sizes.fh_rows} H={sizes.fh_hidden} V={sizes.lp_vocab} {dtype_name} {mode}: "
+                f"fused/unfused time {t_u:.2f}×, extra memory {x_u:.3f}×; fused/unmasked time {t_m:.2f}×, "
+                f"extra memory {x_m:.3f}× (max|fused − unfused| {rows[0]['diff_unfused']:.1e})"
+            )
+        out["cases"][dtype_name] = case
+        longest = max(longest, case["case_s"])
+    return out
+
+
+def horizon_section(report: Report, sizes: Sizes, device: torch.device, seed: int) -> dict[str, Any]:
+    """The horizon study at a larger model size (issue 14, item 4): per horizon, an SFT warm start of
+    ``sizes.hz_model`` trained on ``device``, then :data:`HZ_ARMS` of :data:`HZ_SCENARIO` from it.
+
+    Per arm: the run's summary row (clean-eval reward first/final, k1, tail draws, grad-norm maximum,
+    verdicts — as in ``results/*/summary.csv``) and its sequences' mean length; per horizon the damage
+    (control's final clean eval minus each arm's). Each step asks the budget for the longest step so
+    far; an arm cut short says so. ``ArmResults`` of each horizon go to ``out/horizon/n<problems>/``.
+    """
+    out: dict[str, Any] = {
+        "scenario": HZ_SCENARIO,
+        "arms": list(HZ_ARMS),
+        "model": dataclasses.asdict(sizes.hz_model),
+        "seed": seed,
+        "points": {},
+    }
+    longest = {"step": 1.0, "sft": 30.0}
+
+    def in_budget(trainer: Any, m: dict[str, float]) -> bool:
+        longest["step"] = max(longest["step"], m["perf/step_s"])
+        return report.budget.allows(longest["step"])
+
+    for n in sizes.hz_problems:
+        if not report.budget.allows(longest["sft"] + 10 * longest["step"]):
+            report.skip("horizon", f"n_problems={n}", longest["sft"] + 10 * longest["step"])
+            continue
+        task_kwargs = {"n_problems": n, "digits": 2}
+        recipe = sft.SFTConfig(
+            task="multiadd",
+            task_kwargs=task_kwargs,
+            steps=sizes.hz_sft_steps,
+            lr=sizes.hz_lr,
+            model=sizes.hz_model,
+            serve_head_dim=None,
+            seed=seed,
+        )
+        t0 = time.perf_counter()
+        path = sft.sft_policy(
+            recipe,
+            out_dir=report.out / "horizon" / f"policy_n{n}",
+            progress=False,
+            threads=None,
+            device=device,
+        )
+        longest["sft"] = max(longest["sft"], time.perf_counter() - t0)
+        meta = models.policy_metadata(path)
+        point: dict[str, Any] = {
+            "task_kwargs": task_kwargs,
+            "parameters": meta["parameters"],
+            "sft_s": time.perf_counter() - t0,
+            "sft_final_loss": meta["final_loss"],
+            "sft_sampled_accuracy": meta["sampled_accuracy"],
+        }
+        report.say(
+            f"horizon n_problems={n}: SFT {point['parameters'] / 1e6:.2f} M parameters in {point['sft_s']:.0f} s, "
+            f"loss {point['sft_final_loss']:.3f}, sampled accuracy {point['sft_sampled_accuracy']:.2f}"
+        )
+        results = ArmResults(
+            scenario=HZ_SCENARIO,
+            arms=list(HZ_ARMS),
+            seeds=[seed],
+            steps=sizes.hz_steps,
+            quick=False,
+            reference=HZ_ARMS[0],
+            command="bash benchmarks/gpu_check.sh --horizon",
+            overrides={"model": str(path), "task_kwargs": task_kwargs, "device": str(device)},
+        )
+        for arm in HZ_ARMS:
+            if not report.budget.allows(10 * longest["step"]):
+                report.skip("horizon", f"n_problems={n} arm {arm}", 10 * longest["step"])
+                continue
+            run = run_one(
+                HZ_SCENARIO,
+                arm,
+                seed,
+                sizes.hz_steps,
+                overrides=results.overrides,
+                progress=False,
+                callbacks=[in_budget],
+            )
+            reference = results.run(HZ_ARMS[0], seed).history if arm != HZ_ARMS[0] else None
+            judge(run, reference, DEFAULT_CRITERION)
+            results.runs.append(run)
+            if len(run.history) < sizes.hz_steps:
+                report.skip(
+                    "horizon",
+                    f"n_problems={n} {arm} steps {len(run.history) + 1}-{sizes.hz_steps}",
+                    longest["step"],
+                )
+        results.save(report.out / "horizon" / f"n{n}")
+        rows = {r["arm"]: r for r in results.summary_rows()}
+        for run in results.runs:
+            sequences = len(run.history) * run.config["prompts_per_step"] * run.config["k"]
+            rows[run.arm]["response_tokens"] = statistics.fmean(run.series("response/length_mean"))
+            rows[run.arm]["tail_draws_per_sequence"] = rows[run.arm]["tail_draws"] / sequences
+        point["arms"] = rows
+        if "control" in rows:
+            point["damage_vs_control"] = {
+                arm: rows["control"]["eval_final"] - r["eval_final"]
+                for arm, r in rows.items()
+                if arm != "control"
+            }
+        for arm, r in rows.items():
+            report.say(
+                f"horizon n_problems={n} {arm:>8}: {r['steps']} steps, clean eval {r['eval_first']:.3f} → "
+                f"{r['eval_final']:.3f}, k1 {r['k1_final']:+.2e}, {r['response_tokens']:.0f} tokens, tail draws "
+                f"{r['tail_draws_per_sequence']:.2f} per sequence, "
+                f"grad-norm max {r['grad_norm_max']:.2f}, verdict {r['verdict_eval'] or r['verdict']}, "
+                f"{r['seconds']:.0f} s"
+            )
+        out["points"][f"n{n}"] = point
+    return out
+
+
 def run_section(report: Report, name: str, fn: Callable[[], dict[str, Any]]) -> bool:
     """Run one section into ``report.data["sections"][name]``, keeping a traceback if it raises; save."""
     t0 = time.perf_counter()
@@ -420,6 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="RLOO steps per arm (default 8; 3 dry)")
     ap.add_argument("--train-dtype", default="bf16", choices=["bf16", "fp32"], help="trainer precision")
     ap.add_argument("--seed", type=int, default=0, help="seeds the model init and every RLOO arm")
+    ap.add_argument(
+        "--horizon",
+        action="store_true",
+        help="also the horizon study (issue 14) at a larger model size, after the RLOO section",
+    )
     args = ap.parse_args(argv)
     budget = Budget(args.budget_s)
     sizes = DRY_RUN if args.dry_run else GPU
@@ -440,10 +671,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = run_section(report, "env", lambda: environment(device))
     for key in ("gpu", "torch", "transformers", "git_commit"):
         report.say(f"  {key}: {report.data['sections']['env'].get(key)}")
-    ok &= run_section(
-        report, "rloo", lambda: rloo_section(report, sizes, device, args.arms, args.train_dtype, args.seed)
-    )
     ok &= run_section(report, "logprobs", lambda: logprob_section(report, sizes, device))
+    ok &= run_section(report, "fused_head", lambda: fused_head_section(report, sizes, device))
+    reserve = sizes.hz_reserve_s if args.horizon else 0.0
+    ok &= run_section(
+        report,
+        "rloo",
+        lambda: rloo_section(report, sizes, device, args.arms, args.train_dtype, args.seed, reserve),
+    )
+    if args.horizon:
+        ok &= run_section(report, "horizon", lambda: horizon_section(report, sizes, device, args.seed))
     report.say(f"done in {budget.elapsed():.0f} s; wrote {args.out / 'gpu_check.json'} and gpu_check.log")
     report.save()
     return 0 if ok else 1

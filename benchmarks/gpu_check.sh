@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (issue 9, item 7): RLOO trainer + TorchEngine on CUDA at bf16, and DVP log-probs at V = 151,936,
-# in at most 8 minutes; the logic and what it measures are in benchmarks/gpu_check.py.
+# GPU check (issues 9, 14, 15): DVP log-probs and the fused LM head at V = 151,936, RLOO trainer + TorchEngine
+# on CUDA at bf16, and with --horizon the horizon study at a larger model size,
+# in about 8 minutes; the logic and what it measures are in benchmarks/gpu_check.py.
 # Offline: installs nothing from the network. Writes results/gpu/gpu_check.{json,log}; extra flags go to
 # gpu_check.py (e.g. --out DIR, --budget-s 300, --train-dtype fp32).
 # Run from anywhere: bash benchmarks/gpu_check.sh

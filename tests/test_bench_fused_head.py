@@ -24,10 +24,12 @@ def bench() -> Iterator[ModuleType]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
+    sys.path.insert(0, str(SCRIPT.parent))  # as `python benchmarks/…` does: it imports bench_logprobs
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
+        sys.path.remove(str(SCRIPT.parent))
         sys.modules.pop(spec.name, None)
 
 

@@ -35,7 +35,7 @@ def _run(out: Path, *flags: str) -> dict:
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return _run(tmp_path_factory.mktemp("gpu_check"))
+    return _run(tmp_path_factory.mktemp("gpu_check"), "--horizon")
 
 
 def _finite(x: object) -> bool:
@@ -44,7 +44,7 @@ def _finite(x: object) -> bool:
 
 def test_dry_run_writes_every_section_ok(dry_run: dict) -> None:
     sections = dry_run["sections"]
-    assert sorted(sections) == ["env", "logprobs", "rloo"]
+    assert sorted(sections) == ["env", "fused_head", "horizon", "logprobs", "rloo"]
     assert all(s["status"] == "ok" for s in sections.values()), sections
     assert dry_run["notes"] == []  # nothing skipped: the dry run fits its budget
     env = sections["env"]
@@ -90,8 +90,17 @@ def test_dry_run_benchmarks_dvp_against_the_unmasked_reference(dry_run: dict) ->
 
 
 def test_an_exhausted_budget_skips_every_unit_with_a_note(tmp_path: Path) -> None:
-    data = _run(tmp_path, "--budget-s", "0")
-    assert data["sections"]["rloo"]["arms"] == {} and data["sections"]["logprobs"]["cases"] == {}
-    assert [n.split(":")[0] for n in data["notes"]] == ["rloo", "logprobs", "logprobs"]
+    data = _run(tmp_path, "--budget-s", "0", "--horizon")
+    sections = data["sections"]
+    assert sections["rloo"]["arms"] == {} and sections["logprobs"]["cases"] == {}
+    assert sections["fused_head"]["cases"] == {} and sections["horizon"]["points"] == {}
+    assert [n.split(":")[0] for n in data["notes"]] == [
+        "logprobs",
+        "logprobs",
+        "fused_head",
+        "fused_head",
+        "rloo",
+        "horizon",
+    ]
     assert all("budget is 0 s" in n for n in data["notes"])
     assert "NOTE rloo: skipped the whole section" in data["_log"]

@@ -420,6 +420,7 @@ def train_sft(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     threads: int | None = DEFAULT_THREADS,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, Any, list[float]]:
     """Train a tiny policy from scratch on ``cfg.task``'s ideal completions.
 
@@ -431,22 +432,27 @@ def train_sft(
         progress: show a tqdm bar.
         callback: called as ``callback(step, loss)`` after every step.
         threads: intra-op threads while training (:data:`DEFAULT_THREADS`; ``None``: unchanged).
+        device: where to train (``"cuda"`` for the GPU check's larger policies); the init is made on
+            the CPU, so the same ``cfg`` starts from the same weights on every device.
 
     Returns:
-        ``(model, tokenizer, losses)``: the model in eval mode (fp32), its tokenizer, the loss of
-        every step.
+        ``(model, tokenizer, losses)``: the model in eval mode (fp32, on the CPU), its tokenizer, the
+        loss of every step.
     """
     with torch_threads(threads):
-        return _train(cfg, progress, callback)
+        return _train(cfg, progress, callback, torch.device(device))
 
 
 def _train(
-    cfg: SFTConfig, progress: bool, callback: Callable[[int, float], None] | None
+    cfg: SFTConfig,
+    progress: bool,
+    callback: Callable[[int, float], None] | None,
+    device: torch.device,
 ) -> tuple[torch.nn.Module, Any, list[float]]:
     rng = random.Random(cfg.seed)
     task = cfg.make_task()
     tokenizer = models.build_tokenizer(cfg.model.vocab_size)
-    model = models.build_tiny_model(cfg.model, tokenizer).train()
+    model = models.build_tiny_model(cfg.model, tokenizer).to(device).train()
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -467,7 +473,7 @@ def _train(
                 f"a training sequence has {ids.shape[1]} tokens but "
                 f"SFTConfig.model.max_position_embeddings={cfg.model.max_position_embeddings}; raise it"
             )
-        loss = sft_loss(model, ids, labels, label_smoothing=cfg.label_smoothing)
+        loss = sft_loss(model, ids.to(device), labels.to(device), label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -478,7 +484,7 @@ def _train(
             callback(step, losses[-1])
         if progress and step % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
+    model.cpu().eval()
     return model, tokenizer, losses
 
 
@@ -624,6 +630,7 @@ def sft_policy(
     progress: bool = True,
     force: bool = False,
     threads: int | None = DEFAULT_THREADS,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Return a directory holding the policy trained by ``cfg``, training it only when not cached.
 
@@ -639,6 +646,7 @@ def sft_policy(
         progress: show a progress bar while training.
         force: retrain even when a matching directory exists.
         threads: intra-op threads while training and evaluating (:data:`DEFAULT_THREADS`).
+        device: where to train (:func:`train_sft`); the accuracy and tail checks run on the CPU.
 
     Returns:
         The policy directory.
@@ -650,7 +658,7 @@ def sft_policy(
             return target
     with torch_threads(threads):  # training and evaluation alike
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        model, tokenizer, losses = train_sft(cfg, progress=progress, threads=None)
+        model, tokenizer, losses = train_sft(cfg, progress=progress, threads=None, device=device)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         if cfg.serve_head_dim is not None and cfg.serve_head_dim > cfg.model.head_dim:
             model = models.widen_heads(model, cfg.serve_head_dim)

@@ -30,10 +30,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.experiments.collapse import DEFAULT_CRITERION, LABELS, CollapseCriterion, Verdict
 from workbench.experiments.presets import ARMS, SCENARIOS, make_config, run_length
+
+if TYPE_CHECKING:
+    from workbench.trainer import Callback
 
 __all__ = [
     "KEPT_KEYS",
@@ -439,6 +442,7 @@ def run_one(
     overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
     run_dir: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Train one arm of ``scenario`` on ``seed`` for ``steps`` (default: the scenario's run length).
 
@@ -451,6 +455,8 @@ def run_one(
         overrides: extra :class:`~workbench.trainer.RLOOConfig` fields on top of the preset.
         progress: show a tqdm bar.
         run_dir: optional run directory (config, metrics.jsonl, checkpoint).
+        callbacks: passed to :meth:`~workbench.trainer.RLOOTrainer.train` (one returning ``False``
+            ends the run early, e.g. at a time budget).
 
     Returns:
         The :class:`RunResult` (no verdict yet: :func:`run_arms` judges runs against the reference).
@@ -467,7 +473,7 @@ def run_one(
     cfg = make_config(f"{scenario}/{arm}", **{**dict(overrides or {}), "model": model, "seed": seed})
     t0 = time.perf_counter()
     trainer = RLOOTrainer(cfg, run_dir)
-    trainer.train(n, progress=progress)
+    trainer.train(n, callbacks, progress=progress)
     return RunResult(scenario, arm, seed, cfg.to_dict(), trainer.history, time.perf_counter() - t0)
 
 
