@@ -53,6 +53,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -529,95 +530,97 @@ def horizon_section(report: Report, sizes: Sizes, device: torch.device, seed: in
         longest["step"] = max(longest["step"], m["perf/step_s"])
         return report.budget.allows(longest["step"])
 
-    for n in sizes.hz_problems:
-        if not report.budget.allows(longest["sft"] + 10 * longest["step"]):
-            report.skip("horizon", f"n_problems={n}", longest["sft"] + 10 * longest["step"])
-            continue
-        task_kwargs = {"n_problems": n, "digits": 2}
-        recipe = sft.SFTConfig(
-            task="multiadd",
-            task_kwargs=task_kwargs,
-            steps=sizes.hz_sft_steps,
-            lr=sizes.hz_lr,
-            model=sizes.hz_model,
-            serve_head_dim=None,
-            seed=seed,
-        )
-        t0 = time.perf_counter()
-        path = sft.sft_policy(
-            recipe,
-            out_dir=report.out / "horizon" / f"policy_n{n}",
-            progress=False,
-            threads=None,
-            device=device,
-        )
-        longest["sft"] = max(longest["sft"], time.perf_counter() - t0)
-        meta = models.policy_metadata(path)
-        point: dict[str, Any] = {
-            "task_kwargs": task_kwargs,
-            "parameters": meta["parameters"],
-            "sft_s": time.perf_counter() - t0,
-            "sft_final_loss": meta["final_loss"],
-            "sft_sampled_accuracy": meta["sampled_accuracy"],
-        }
-        report.say(
-            f"horizon n_problems={n}: SFT {point['parameters'] / 1e6:.2f} M parameters in {point['sft_s']:.0f} s, "
-            f"loss {point['sft_final_loss']:.3f}, sampled accuracy {point['sft_sampled_accuracy']:.2f}"
-        )
-        results = ArmResults(
-            scenario=HZ_SCENARIO,
-            arms=list(HZ_ARMS),
-            seeds=[seed],
-            steps=sizes.hz_steps,
-            quick=False,
-            reference=HZ_ARMS[0],
-            command="bash benchmarks/gpu_check.sh --horizon",
-            overrides={"model": str(path), "task_kwargs": task_kwargs, "device": str(device)},
-        )
-        for arm in HZ_ARMS:
-            if not report.budget.allows(10 * longest["step"]):
-                report.skip("horizon", f"n_problems={n} arm {arm}", 10 * longest["step"])
+    # policies go to a temporary directory, not under --out: only results travel back
+    with tempfile.TemporaryDirectory(prefix="gpu_check_policies_") as workdir:
+        for n in sizes.hz_problems:
+            if not report.budget.allows(longest["sft"] + 10 * longest["step"]):
+                report.skip("horizon", f"n_problems={n}", longest["sft"] + 10 * longest["step"])
                 continue
-            run = run_one(
-                HZ_SCENARIO,
-                arm,
-                seed,
-                sizes.hz_steps,
-                overrides=results.overrides,
+            task_kwargs = {"n_problems": n, "digits": 2}
+            recipe = sft.SFTConfig(
+                task="multiadd",
+                task_kwargs=task_kwargs,
+                steps=sizes.hz_sft_steps,
+                lr=sizes.hz_lr,
+                model=sizes.hz_model,
+                serve_head_dim=None,
+                seed=seed,
+            )
+            t0 = time.perf_counter()
+            path = sft.sft_policy(
+                recipe,
+                out_dir=Path(workdir) / f"policy_n{n}",
                 progress=False,
-                callbacks=[in_budget],
+                threads=None,
+                device=device,
             )
-            reference = results.run(HZ_ARMS[0], seed).history if arm != HZ_ARMS[0] else None
-            judge(run, reference, DEFAULT_CRITERION)
-            results.runs.append(run)
-            if len(run.history) < sizes.hz_steps:
-                report.skip(
-                    "horizon",
-                    f"n_problems={n} {arm} steps {len(run.history) + 1}-{sizes.hz_steps}",
-                    longest["step"],
-                )
-        results.save(report.out / "horizon" / f"n{n}")
-        rows = {r["arm"]: r for r in results.summary_rows()}
-        for run in results.runs:
-            sequences = len(run.history) * run.config["prompts_per_step"] * run.config["k"]
-            rows[run.arm]["response_tokens"] = statistics.fmean(run.series("response/length_mean"))
-            rows[run.arm]["tail_draws_per_sequence"] = rows[run.arm]["tail_draws"] / sequences
-        point["arms"] = rows
-        if "control" in rows:
-            point["damage_vs_control"] = {
-                arm: rows["control"]["eval_final"] - r["eval_final"]
-                for arm, r in rows.items()
-                if arm != "control"
+            longest["sft"] = max(longest["sft"], time.perf_counter() - t0)
+            meta = models.policy_metadata(path)
+            point: dict[str, Any] = {
+                "task_kwargs": task_kwargs,
+                "parameters": meta["parameters"],
+                "sft_s": time.perf_counter() - t0,
+                "sft_final_loss": meta["final_loss"],
+                "sft_sampled_accuracy": meta["sampled_accuracy"],
             }
-        for arm, r in rows.items():
             report.say(
-                f"horizon n_problems={n} {arm:>8}: {r['steps']} steps, clean eval {r['eval_first']:.3f} → "
-                f"{r['eval_final']:.3f}, k1 {r['k1_final']:+.2e}, {r['response_tokens']:.0f} tokens, tail draws "
-                f"{r['tail_draws_per_sequence']:.2f} per sequence, "
-                f"grad-norm max {r['grad_norm_max']:.2f}, verdict {r['verdict_eval'] or r['verdict']}, "
-                f"{r['seconds']:.0f} s"
+                f"horizon n_problems={n}: SFT {point['parameters'] / 1e6:.2f} M parameters in {point['sft_s']:.0f} s, "
+                f"loss {point['sft_final_loss']:.3f}, sampled accuracy {point['sft_sampled_accuracy']:.2f}"
             )
-        out["points"][f"n{n}"] = point
+            results = ArmResults(
+                scenario=HZ_SCENARIO,
+                arms=list(HZ_ARMS),
+                seeds=[seed],
+                steps=sizes.hz_steps,
+                quick=False,
+                reference=HZ_ARMS[0],
+                command="bash benchmarks/gpu_check.sh --horizon",
+                overrides={"model": str(path), "task_kwargs": task_kwargs, "device": str(device)},
+            )
+            for arm in HZ_ARMS:
+                if not report.budget.allows(10 * longest["step"]):
+                    report.skip("horizon", f"n_problems={n} arm {arm}", 10 * longest["step"])
+                    continue
+                run = run_one(
+                    HZ_SCENARIO,
+                    arm,
+                    seed,
+                    sizes.hz_steps,
+                    overrides=results.overrides,
+                    progress=False,
+                    callbacks=[in_budget],
+                )
+                reference = results.run(HZ_ARMS[0], seed).history if arm != HZ_ARMS[0] else None
+                judge(run, reference, DEFAULT_CRITERION)
+                results.runs.append(run)
+                if len(run.history) < sizes.hz_steps:
+                    report.skip(
+                        "horizon",
+                        f"n_problems={n} {arm} steps {len(run.history) + 1}-{sizes.hz_steps}",
+                        longest["step"],
+                    )
+            results.save(report.out / "horizon" / f"n{n}")
+            rows = {r["arm"]: r for r in results.summary_rows()}
+            for run in results.runs:
+                sequences = len(run.history) * run.config["prompts_per_step"] * run.config["k"]
+                rows[run.arm]["response_tokens"] = statistics.fmean(run.series("response/length_mean"))
+                rows[run.arm]["tail_draws_per_sequence"] = rows[run.arm]["tail_draws"] / sequences
+            point["arms"] = rows
+            if "control" in rows:
+                point["damage_vs_control"] = {
+                    arm: rows["control"]["eval_final"] - r["eval_final"]
+                    for arm, r in rows.items()
+                    if arm != "control"
+                }
+            for arm, r in rows.items():
+                report.say(
+                    f"horizon n_problems={n} {arm:>8}: {r['steps']} steps, clean eval {r['eval_first']:.3f} → "
+                    f"{r['eval_final']:.3f}, k1 {r['k1_final']:+.2e}, {r['response_tokens']:.0f} tokens, tail draws "
+                    f"{r['tail_draws_per_sequence']:.2f} per sequence, "
+                    f"grad-norm max {r['grad_norm_max']:.2f}, verdict {r['verdict_eval'] or r['verdict']}, "
+                    f"{r['seconds']:.0f} s"
+                )
+            out["points"][f"n{n}"] = point
     return out
 
 
