@@ -650,6 +650,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--train-dtype", default="bf16", choices=["bf16", "fp32"], help="trainer precision")
     ap.add_argument("--seed", type=int, default=0, help="seeds the model init and every RLOO arm")
     ap.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["logprobs", "fused_head", "rloo"],
+        help="sections to leave out",
+    )
+    ap.add_argument(
         "--horizon",
         action="store_true",
         help="also the horizon study (issue 14) at a larger model size, after the RLOO section",
@@ -674,14 +681,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = run_section(report, "env", lambda: environment(device))
     for key in ("gpu", "torch", "transformers", "git_commit"):
         report.say(f"  {key}: {report.data['sections']['env'].get(key)}")
-    ok &= run_section(report, "logprobs", lambda: logprob_section(report, sizes, device))
-    ok &= run_section(report, "fused_head", lambda: fused_head_section(report, sizes, device))
-    reserve = sizes.hz_reserve_s if args.horizon else 0.0
-    ok &= run_section(
-        report,
-        "rloo",
-        lambda: rloo_section(report, sizes, device, args.arms, args.train_dtype, args.seed, reserve),
-    )
+    if "logprobs" not in args.skip:
+        ok &= run_section(report, "logprobs", lambda: logprob_section(report, sizes, device))
+    if "fused_head" not in args.skip:
+        ok &= run_section(report, "fused_head", lambda: fused_head_section(report, sizes, device))
+    if "rloo" not in args.skip:
+        reserve = sizes.hz_reserve_s if args.horizon else 0.0
+        ok &= run_section(
+            report,
+            "rloo",
+            lambda: rloo_section(report, sizes, device, args.arms, args.train_dtype, args.seed, reserve),
+        )
     if args.horizon:
         ok &= run_section(report, "horizon", lambda: horizon_section(report, sizes, device, args.seed))
     report.say(f"done in {budget.elapsed():.0f} s; wrote {args.out / 'gpu_check.json'} and gpu_check.log")
