@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from workbench import exercises as ex
-from workbench.trainer import RLOOConfig
+from workbench.config import RLOOConfig
 
 LESSONS = Path(__file__).resolve().parents[1] / "lessons"
 SOLUTION = re.compile(r"<details><summary>Solution</summary>\s*```python\n(.*?)```", re.S)

@@ -4,7 +4,9 @@ Each module of ``workbench/`` is parsed with :mod:`ast` (module-level imports an
 functions alike) and every ``workbench.*`` import is checked against :data:`FORBIDDEN`: viz draws data it is
 given and never runs an engine or an experiment; experiments never draw; engines never reach for the
 trainer; the core (``dvp``, ``importance``, ``rloo``, ``metrics``) imports nothing above it; the
-integrations never import the trainer. The CLI and the notebooks are the only places the layers meet.
+integrations never import the trainer; the run's config (``config.py``) is data and never imports the loop,
+so the exercises can check a learner's :class:`~workbench.config.RLOOConfig` without the trainer. The CLI and
+the notebooks are the only places the layers meet.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / "workbench"
 
 CORE = ("dvp", "importance", "rloo", "metrics")
 ABOVE_CORE = frozenset(
-    {"analysis", "cli", "docs", "engines", "exercises", "experiments", "integrations", "models", "sft", "tasks",
-     "theory", "trainer", "viz"}
+    {"analysis", "cli", "config", "docs", "engines", "exercises", "experiments", "integrations", "models", "sft",
+     "tasks", "theory", "trainer", "viz"}
 )  # fmt: skip
 
 #: ``layer: (layers it must not import, why)``. A layer is a module or package directly under ``workbench``.
@@ -46,7 +48,14 @@ FORBIDDEN: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"cli", "viz"}),
         "experiments return data; viz draws it (the CLI and notebooks compose them)",
     ),
-    "exercises": (frozenset({"cli", "engines", "experiments", "viz"}), "checkers compare with the core"),
+    "config": (
+        frozenset({"cli", "experiments", "integrations", "sft", "trainer", "viz"}),
+        "the config is data: it validates with the core (and the engines' perturbation parser), never the loop",
+    ),
+    "exercises": (
+        frozenset({"cli", "engines", "experiments", "trainer", "viz"}),
+        "checkers compare with the core (a config comes from workbench.config, not the trainer)",
+    ),
 }
 
 
@@ -97,6 +106,11 @@ def test_no_layer_imports_one_it_may_not() -> None:
         ("engines/e.py", "from workbench.trainer import RLOOConfig\n", True),
         ("dvp.py", "from workbench.theory import core\n", True),
         ("integrations/trl.py", "from workbench.trainer import RLOOTrainer\n", True),
+        ("exercises/lessons.py", "def f():\n    from workbench.trainer import RLOOConfig\n", True),
+        ("config.py", "from workbench.trainer import RLOOTrainer\n", True),
+        ("rloo.py", "from workbench.config import RLOOConfig\n", True),
+        ("exercises/lessons.py", "def f():\n    from workbench.config import RLOOConfig\n", False),
+        ("config.py", "def f():\n    from workbench.engines import make_perturbation\n", False),
         (
             "viz/fig.py",
             "from workbench import dvp, metrics\nfrom workbench.analysis import rho_sweep\n",

@@ -8,6 +8,7 @@ The package is organised by what each room does (see README.md, "Design"):
 - :mod:`workbench.metrics` — the mismatch metrics the field logs (k1, k3, chi², ESS, overlap, …).
 - :mod:`workbench.theory` — sympy statements and numeric checks of Thm 4.1, Props 4.2, 4.3, 5.4, 5.5.
 - :mod:`workbench.analysis` — measurements on logit rows behind the pictures of notebooks 01–05.
+- :mod:`workbench.config` — :class:`RLOOConfig`, every knob of a run (data: importing it runs nothing).
 - :mod:`workbench.models`, :mod:`workbench.tasks`, :mod:`workbench.engines`, :mod:`workbench.sft`,
   :mod:`workbench.trainer` — the RLOO trainer and everything it drives.
 
@@ -35,7 +36,8 @@ __version__ = "0.1.0"
 
 #: The front door: each name, and the module that defines it.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["RLOOConfig", "RLOOTrainer"], "workbench.trainer"),
+    "RLOOConfig": "workbench.config",
+    "RLOOTrainer": "workbench.trainer",
     **dict.fromkeys(
         ["available_policies", "encode_prompt", "load_policy", "pretrained_policy", "resolve_policy"],
         "workbench.models",

@@ -103,11 +103,11 @@ def _example(annotation: Any) -> str:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per :class:`~workbench.trainer.RLOOConfig` field, parsed by its type."""
-    from workbench.trainer import RLOOConfig
+    """One ``--field-name`` flag per :class:`~workbench.config.RLOOConfig` field, parsed by its type."""
+    from workbench.config import RLOOConfig
 
     group = parser.add_argument_group("config fields (override the preset / config file; 'none' for None)")
-    hints = typing.get_type_hints(RLOOConfig, globalns=vars(sys.modules["workbench.trainer"]))
+    hints = typing.get_type_hints(RLOOConfig)
     for f in dataclasses.fields(RLOOConfig):
         ann = hints[f.name]
         factory = f.default_factory
@@ -123,8 +123,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
+    from workbench.config import RLOOConfig
     from workbench.experiments import make_config
-    from workbench.trainer import RLOOConfig
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     if args.config:

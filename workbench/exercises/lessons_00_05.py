@@ -113,7 +113,7 @@ def check_rloo_advantages(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Pa
 
 
 def check_naive_config(cfg: Any) -> Passed:
-    """Exercise 0.2: the :class:`~workbench.trainer.RLOOConfig` of *naive* RLOO against a bf16 engine.
+    """Exercise 0.2: the :class:`~workbench.config.RLOOConfig` of *naive* RLOO against a bf16 engine.
 
     Naive RLOO trains on the full vocabulary (``rho=None``), applies no importance correction
     (``is_mode="none"``, ``veto=None``) and samples with a bf16 engine (``engine_dtype="bf16"``).
@@ -127,7 +127,7 @@ def check_naive_config(cfg: Any) -> Passed:
     Raises:
         ExerciseFailure: naming the first wrong field and what it does.
     """
-    from workbench.trainer import RLOOConfig
+    from workbench.config import RLOOConfig
 
     name = "check_naive_config"
     if not isinstance(cfg, RLOOConfig):
