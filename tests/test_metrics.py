@@ -14,6 +14,7 @@ from workbench.metrics import (
     DEFAULT_P_EDGES,
     DVP_METRIC_DOCS,
     MISMATCH_METRIC_DOCS,
+    TAIL_METRIC_DOCS,
     _student_t_cdf,
     _student_t_quantile,
     boundary_tokens,
@@ -22,6 +23,7 @@ from workbench.metrics import (
     mismatch_metrics,
     safe_set_overlap,
     sampled_tail_delta,
+    tail_draw_metrics,
 )
 
 LN2 = math.log(2.0)
@@ -355,6 +357,70 @@ def test_sampled_tail_delta_hand_example() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# tail draws of a training batch
+
+
+def ref_tail_draws(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    logp_mp: torch.Tensor,
+    logp_infer: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    rho: float,
+) -> dict[str, float]:
+    """The tail-draw metrics one token at a time, in float64: a draw is in the tail when z_a < max z + log ρ."""
+    deltas, full_logps, seqs, pos_adv = [], [], 0, 0
+    for i in range(tokens.shape[0]):
+        in_row = 0
+        for j in range(tokens.shape[1]):
+            z, a = logits[i, j].double(), int(tokens[i, j])
+            if mask[i, j] and z[a] < z.max() + math.log(rho):
+                in_row += 1
+                deltas.append(float(logp_infer[i, j]) - float(logp_mp[i, j]))
+                full_logps.append(float(torch.log_softmax(z, -1)[a]))
+        seqs += in_row > 0
+        pos_adv += in_row if advantages[i] > 0 else 0
+    return {
+        "mismatch/tail_tokens": float(len(deltas)),
+        "mismatch/tail_delta_mean": float(np.mean(deltas)) if deltas else 0.0,
+        "mismatch/tail_logp_mean": float(np.mean(full_logps)) if full_logps else math.nan,
+        "mismatch/tail_seqs": float(seqs),
+        "mismatch/tail_pos_adv": float(pos_adv),
+    }
+
+
+@pytest.mark.parametrize("rho", [dvp.DEFAULT_RHO, 1e-3])
+@pytest.mark.parametrize("train_rho", [None, 1e-2])
+def test_tail_draw_metrics_match_a_loop(rho: float, train_rho: float | None) -> None:
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(12, 9, 40, generator=g) * 6.0  # (N, T, V): wide rows, so e^-13 tails get drawn
+    tokens = torch.randint(0, 40, (12, 9), generator=g)
+    mask = torch.arange(9)[None, :] < torch.randint(0, 10, (12,), generator=g)[:, None]  # ragged, some empty
+    stats = dvp.token_stats(logits, tokens, train_rho)
+    logp_infer = torch.where(
+        mask, stats.logp + 0.3 * torch.randn(12, 9, generator=g), math.nan
+    )  # nan padding
+    advantages = torch.randn(12, generator=g)
+    got = tail_draw_metrics(stats, logp_infer, mask, advantages, rho=rho)
+    want = ref_tail_draws(logits, tokens, stats.logp, logp_infer, mask, advantages, rho)
+    assert got["mismatch/tail_tokens"] > 5 and got["mismatch/tail_pos_adv"] > 0
+    assert_dicts_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tail_draw_metrics_without_a_tail_draw() -> None:
+    stats = dvp.token_stats(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))  # uniform rows
+    m = tail_draw_metrics(stats, stats.logp, torch.ones(2, 3, dtype=torch.bool), torch.ones(2))
+    assert m["mismatch/tail_tokens"] == m["mismatch/tail_seqs"] == m["mismatch/tail_delta_mean"] == 0.0
+    assert math.isnan(m["mismatch/tail_logp_mean"])
+    hand_made = dvp.TokenStats(
+        logp=stats.logp, logz=stats.logz, entropy=stats.entropy, safe_size=stats.safe_size
+    )
+    with pytest.raises(ValueError, match="full_logp"):
+        tail_draw_metrics(hand_made, stats.logp, torch.ones(2, 3, dtype=torch.bool), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------------------------------
 # safe sets: overlap and boundary tokens
 
 
@@ -554,7 +620,13 @@ def test_every_emitted_key_is_documented_and_vice_versa() -> None:
     logits = torch.randn(4, 6, 16)
     emitted_dvp = set(dvp_metrics(dvp.token_stats(logits, torch.zeros(4, 6, dtype=torch.long), 1e-2), mask))
     assert emitted_dvp == set(DVP_METRIC_DOCS)
-    for docs, prefix in ((MISMATCH_METRIC_DOCS, "mismatch/"), (DVP_METRIC_DOCS, "dvp/")):
+    stats = dvp.token_stats(logits, torch.zeros(4, 6, dtype=torch.long))
+    assert set(tail_draw_metrics(stats, li, mask, torch.ones(4))) == set(TAIL_METRIC_DOCS)
+    for docs, prefix in (
+        (MISMATCH_METRIC_DOCS, "mismatch/"),
+        (TAIL_METRIC_DOCS, "mismatch/tail_"),
+        (DVP_METRIC_DOCS, "dvp/"),
+    ):
         for key, line in docs.items():
             assert key.startswith(prefix) and line.strip() and "\n" not in line, key
 

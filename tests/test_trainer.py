@@ -246,6 +246,24 @@ def test_entropy_scaled_mask_reduces_to_the_fixed_safe_set_and_matches_a_referen
         RLOOConfig(**{**PROBE, "rho": None, "rho_entropy_scale": 0.5})
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"fused_head": False}, {"rho": 1e-3, "rho_entropy_scale": 0.5}, {"rho": None, "fused_head": False}],
+    ids=["fused", "logits", "entropy-scaled", "rho-none"],
+)
+def test_later_ppo_epochs_see_the_log_probs_of_the_first(extra) -> None:
+    """_policy_logp (PPO epochs > 0) is _policy_stats(...).logp to the bit, gradient included, on every path."""
+    trainer = RLOOTrainer(RLOOConfig(**{**PROBE, **extra}))
+    _, rollout = trainer._rollout()
+    logps, grads = [], []
+    for logp in (trainer._policy_stats(rollout)[0].logp, trainer._policy_logp(rollout)):
+        trainer.model.zero_grad(set_to_none=True)
+        (logp * rollout.mask).sum().backward()
+        logps.append(logp.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    assert torch.equal(logps[0], logps[1]) and torch.equal(grads[0], grads[1])
+
+
 def test_adaptive_rho_run_and_clean_eval_are_reported() -> None:
     cfg = RLOOConfig(**{**PROBE, "rho": 1e-3, "rho_entropy_scale": 0.5, "eval_every": 2, "eval_prompts": 4})
     trainer = RLOOTrainer(cfg)

@@ -18,12 +18,13 @@ PPL ratio         exp(mean_y (log ppl_π(y) − log ppl_μ(y))) — >1: the trai
 ================  ==========================================================================
 
 plus the mismatch *signature* (Δ by trainer-probability bin, :func:`delta_by_prob_bin`), the "positive
-mode" of sampled low-probability tokens (:func:`sampled_tail_delta`, Prop 4.3), the safe-set overlap
+mode" of sampled low-probability tokens (:func:`sampled_tail_delta`, Prop 4.3), the tail draws of a
+training batch (:func:`tail_draw_metrics`), the safe-set overlap
 between trainer and engine (:func:`safe_set_overlap`), boundary tokens (:func:`boundary_tokens`) and a
 summary of a :class:`workbench.dvp.TokenStats` (:func:`dvp_metrics`).
 
-Every key a function emits is documented, with its estimator, in :data:`MISMATCH_METRIC_DOCS` or
-:data:`DVP_METRIC_DOCS` (a test checks the two sets agree). Reductions run in float64; a metric of an
+Every key a function emits is documented, with its estimator, in :data:`MISMATCH_METRIC_DOCS`,
+:data:`TAIL_METRIC_DOCS` or :data:`DVP_METRIC_DOCS` (a test checks the sets agree). Reductions run in float64; a metric of an
 empty selection (no valid token) is ``nan``, never a made-up 0.
 
 verl's names and definitions. :func:`verl_rollout_corr_metrics` emits the same quantities as verl 0.9.1's
@@ -45,6 +46,7 @@ import torch
 
 from workbench.dvp import (
     DEFAULT_BLOCK_BYTES,
+    DEFAULT_RHO,
     MASK_MARGIN,
     TokenStats,
     safe_mask,
@@ -58,6 +60,7 @@ __all__ = [
     "DEFAULT_P_EDGES",
     "DVP_METRIC_DOCS",
     "MISMATCH_METRIC_DOCS",
+    "TAIL_METRIC_DOCS",
     "VERL_METRIC_DOCS",
     "boundary_from_logprobs",
     "boundary_tokens",
@@ -69,6 +72,7 @@ __all__ = [
     "mode_ci",
     "safe_set_overlap",
     "sampled_tail_delta",
+    "tail_draw_metrics",
     "verl_rollout_corr_metrics",
 ]
 
@@ -708,6 +712,70 @@ def sampled_tail_delta(
         "mismatch/lowp_delta_ci_lo": lo,
         "mismatch/lowp_delta_ci_hi": hi,
         "mismatch/lowp_frac_positive": float((d > 0).double().mean()) if k else _nan(),
+    }
+
+
+TAIL_METRIC_DOCS: dict[str, str] = {
+    "mismatch/tail_tokens": "sampled tokens whose trainer probability is below e^-13 of the row max (tail draws)",
+    "mismatch/tail_delta_mean": "mean Δ = log μ − log π over tail draws (0 when there are none)",
+    "mismatch/tail_logp_mean": "mean trainer log π (full vocabulary) of the tail draws; nan when there are none",
+    "mismatch/tail_seqs": "sequences holding at least one tail draw",
+    "mismatch/tail_pos_adv": "tail draws in sequences with a positive advantage (the loss pushes them *up*)",
+}
+"""Keys emitted by :func:`tail_draw_metrics`. The trainer logs them every step, so
+:data:`workbench.trainer.TRAINER_METRIC_DOCS` includes them (the glossary lists them there)."""
+
+
+def tail_draw_metrics(
+    stats: TokenStats,
+    logp_infer: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    rho: float = DEFAULT_RHO,
+) -> dict[str, float]:
+    """Tail draws of a training batch: sampled tokens outside the safe set of ``rho``, whatever ρ the run uses.
+
+    A tail draw is a valid token with trainer probability below ``rho`` (e^-13 by default) times its row's max,
+    read off the token's gap to the row max (:meth:`workbench.dvp.TokenStats.outside`). Over them: the count,
+    the mean ``Δ = log μ − stats.logp`` (``log π^mp`` under DVP), the mean full-vocabulary ``log π`` (the tail is
+    about π, not π^mp), the sequences holding one, and the tail draws in sequences with a positive advantage
+    (the policy gradient pushes those *up*). Reductions run in the inputs' dtype (fp32), as the trainer logs them.
+
+    Args:
+        stats: ``[N, T]`` trainer statistics of the sampled tokens, with ``gap`` and ``full_logp`` set
+            (:func:`workbench.dvp.token_stats` and :func:`workbench.dvp.lm_head_token_stats` fill both).
+        logp_infer: ``[N, T]`` engine log-probs ``log μ`` of the same tokens.
+        mask: ``[N, T]`` bool, True for valid tokens.
+        advantages: ``[N]`` per-sequence advantages.
+        rho: the tail's threshold, in (0, 1].
+
+    Returns:
+        ``{key: float}`` for every key of :data:`TAIL_METRIC_DOCS`; with no tail draw ``tail_delta_mean`` is 0
+        and ``tail_logp_mean`` is ``nan``.
+
+    >>> from workbench.dvp import token_stats
+    >>> z = torch.tensor([[[0.0, -20.0], [0.0, -1.0]], [[0.0, -1.0], [0.0, -1.0]]])  # (N=2, T=2, V=2)
+    >>> st = token_stats(z, torch.tensor([[1, 1], [1, 1]]))  # row 0, t=0 draws a token 20 nats down
+    >>> m = tail_draw_metrics(st, st.logp + 0.5, torch.ones(2, 2, dtype=torch.bool), torch.tensor([1.0, -1.0]))
+    >>> m["mismatch/tail_tokens"], m["mismatch/tail_seqs"], m["mismatch/tail_pos_adv"]
+    (1.0, 1.0, 1.0)
+    >>> round(m["mismatch/tail_delta_mean"], 4), round(m["mismatch/tail_logp_mean"], 2)
+    (0.5, -20.0)
+    """
+    if stats.full_logp is None:
+        raise ValueError(
+            "stats.full_logp is None; pass TokenStats from dvp.token_stats or dvp.lm_head_token_stats"
+        )
+    tail = stats.outside(rho, mask)  # (N, T)
+    delta = (logp_infer - stats.logp.detach())[tail]  # (n_tail,)
+    tail_logp = stats.full_logp[tail]  # (n_tail,)
+    return {
+        "mismatch/tail_tokens": float(tail.sum()),
+        "mismatch/tail_delta_mean": float(delta.mean()) if delta.numel() else 0.0,
+        "mismatch/tail_logp_mean": float(tail_logp.mean()) if tail_logp.numel() else _nan(),
+        "mismatch/tail_seqs": float(tail.any(-1).sum()),
+        "mismatch/tail_pos_adv": float(tail[advantages > 0].sum()),
     }
 
 

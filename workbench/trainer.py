@@ -53,11 +53,7 @@ TRAINER_METRIC_DOCS: dict[str, str] = {
     "reward/std": "standard deviation of the sampled rewards",
     "reward/accuracy": "fraction of sampled responses with reward 1",
     "response/length_mean": "mean response length in tokens (eos included)",
-    "mismatch/tail_tokens": "sampled tokens whose trainer probability is below e^-13 of the row max (tail draws)",
-    "mismatch/tail_delta_mean": "mean Δ = log μ − log π over tail draws (0 when there are none)",
-    "mismatch/tail_logp_mean": "mean trainer log π (full vocabulary) of the tail draws; nan when there are none",
-    "mismatch/tail_seqs": "sequences holding at least one tail draw",
-    "mismatch/tail_pos_adv": "tail draws in sequences with a positive advantage (the loss pushes them *up*)",
+    **metrics.TAIL_METRIC_DOCS,  # computed by metrics.tail_draw_metrics
     "dvp/log_rho_mean": "mean over valid positions of the log ρ the trainer pruned with (per state when "
     "rho_entropy_scale > 0); nan without pruning",
     "eval/reward": "mean reward of the policy sampled by a clean engine (fp32, no perturbation, no pruning, "
@@ -257,31 +253,27 @@ class RLOOTrainer:
         """DVP statistics of the sampled tokens, and the ``log ρ`` used at each position (``None``: no pruning).
 
         With a fixed ρ this is :func:`workbench.dvp.token_stats`. With ``rho_entropy_scale`` κ > 0 the
-        safe set of each state uses ``log ρ(s) = log ρ · (1 + κ H(s))``: logits outside it are replaced
-        by the constant ``max − MASK_MARGIN`` (no gradient, as in :func:`workbench.dvp.masked_logits`)
-        and the full-vocabulary kernel runs on the result, which is then exactly ``log π^mp``.
+        full-vocabulary kernel runs on :meth:`_entropy_scaled_logits` (which gives exactly ``log π^mp``), and
+        a second, gradient-free pass over the unpruned logits places each token in its *unpruned* row (gap,
+        full log π) for the tail-draw metrics.
         """
         cfg = self.config
-        if cfg.rho is None:
-            return dvp.token_stats(
-                logits, tokens, None, chunk_size=cfg.chunk_size, temperature=cfg.temperature
-            ), None
         if cfg.rho_entropy_scale == 0:
             stats = dvp.token_stats(
                 logits, tokens, cfg.rho, chunk_size=cfg.chunk_size, temperature=cfg.temperature
             )
-            return stats, torch.full(tokens.shape, math.log(cfg.rho), device=tokens.device)
-        with torch.no_grad():
-            z = logits.detach().float() / cfg.temperature  # (N, T, V)
-            keep, log_rho = dvp.entropy_scaled_safe_mask(z, math.log(cfg.rho), cfg.rho_entropy_scale)
-            top = z.amax(-1, keepdim=True)  # (N, T, 1)
-            logz = torch.logsumexp(z.masked_fill(~keep, float("-inf")), -1) - torch.logsumexp(z, -1)  # (N, T)
-        masked = torch.where(keep, logits.float() / cfg.temperature, top - dvp.MASK_MARGIN)  # (N, T, V)
+            log_rho = (
+                None if cfg.rho is None else torch.full(tokens.shape, math.log(cfg.rho), device=tokens.device)
+            )
+            return stats, log_rho
+        masked, keep, log_rho = self._entropy_scaled_logits(logits)
         inner = dvp.token_stats(masked, tokens, None, chunk_size=cfg.chunk_size)
-        # The token's place in the *unpruned* row (gap, full log π): the tail count and its log π read it.
         full = dvp.token_stats(
             logits.detach(), tokens, None, chunk_size=cfg.chunk_size, temperature=cfg.temperature
         )
+        with torch.no_grad():
+            z = logits.detach().float() / cfg.temperature  # (N, T, V)
+            logz = torch.logsumexp(z.masked_fill(~keep, float("-inf")), -1) - torch.logsumexp(z, -1)  # (N, T)
         stats = dvp.TokenStats(
             logp=inner.logp,
             logz=logz,
@@ -292,10 +284,56 @@ class RLOOTrainer:
         )
         return stats, log_rho
 
-    def step(self) -> dict[str, float]:
-        """Run one RLOO step: rollout → rewards → DVP log-probs → IS → loss → update → sync."""
+    def _entropy_scaled_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logits of ``π^mp`` under the entropy-scaled ρ: ``(masked (N, T, V), keep (N, T, V), log ρ(s) (N, T))``.
+
+        The safe set of each state uses ``log ρ(s) = log ρ · (1 + κ H(s))`` (:func:`workbench.dvp.entropy_scaled_safe_mask`);
+        ``masked`` is ``z / T`` on it and the constant ``max − MASK_MARGIN`` (no gradient, as in
+        :func:`workbench.dvp.masked_logits`) outside it, so the plain log-softmax of ``masked`` is ``log π^mp``.
+        """
         cfg = self.config
-        t0 = time.perf_counter()
+        assert cfg.rho is not None  # checked in RLOOConfig
+        with torch.no_grad():
+            z = logits.detach().float() / cfg.temperature  # (N, T, V)
+            keep, log_rho = dvp.entropy_scaled_safe_mask(z, math.log(cfg.rho), cfg.rho_entropy_scale)
+            top = z.amax(-1, keepdim=True)  # (N, T, 1)
+        masked = torch.where(keep, logits.float() / cfg.temperature, top - dvp.MASK_MARGIN)  # (N, T, V)
+        return masked, keep, log_rho
+
+    def _policy_stats(self, rollout: Any) -> tuple[dvp.TokenStats, torch.Tensor | None]:
+        """The trainer's forward: DVP statistics of the sampled tokens (``logp`` differentiable) and the
+        ``log ρ`` pruned with at each position (``None``: no pruning).
+
+        The fused LM head (:meth:`_fused_stats`) when it applies, so the ``(N, T, V)`` logits never exist;
+        else the logits path (:meth:`_token_stats`). Same numbers either way up to float rounding.
+        """
+        head = self._head()
+        if head is None:
+            return self._token_stats(self._forward(rollout), rollout.tokens)
+        rho = self.config.rho
+        mask = rollout.mask  # (N, T)
+        log_rho = None if rho is None else torch.full(mask.shape, math.log(rho), device=mask.device)
+        return self._fused_stats(rollout, head), log_rho
+
+    def _policy_logp(self, rollout: Any) -> torch.Tensor:
+        """``log π^mp`` of the sampled tokens under the current weights, ``(N, T)`` differentiable: the input of
+        the PPO epochs after the first.
+
+        Equal to ``_policy_stats(rollout)[0].logp``. Under the entropy-scaled ρ it skips what only the metrics
+        read (the unpruned pass, ``log Z``, the safe-set sizes) and asks the kernel for log-probs alone.
+        """
+        head = self._head()
+        if head is not None:
+            return self._fused_stats(rollout, head).logp
+        logits = self._forward(rollout)  # (N, T, V)
+        if self.config.rho_entropy_scale == 0:
+            return self._token_stats(logits, rollout.tokens)[0].logp
+        masked, _, _ = self._entropy_scaled_logits(logits)
+        return dvp.token_logprobs(masked, rollout.tokens, None, chunk_size=self.config.chunk_size)
+
+    def _rollout(self) -> tuple[list[Any], Any]:
+        """Sample ``k`` responses to each of this step's prompts with the engine: ``(problems, rollout)``."""
+        cfg = self.config
         problems, prompt_ids = self._prompts()
         with torch.no_grad():
             rollout = self.engine.generate(
@@ -306,53 +344,31 @@ class RLOOTrainer:
                 temperature=cfg.temperature,
                 seed=self._step_seed(),
             )
-        t_rollout = time.perf_counter() - t0
+        return problems, rollout
 
+    def _rewards(self, problems: list[Any], rollout: Any) -> torch.Tensor:
+        """The task's reward of every sampled response, ``(N,)`` fp32 on the rollout's device."""
         texts = self._decode(rollout)
-        rewards = torch.tensor(
+        return torch.tensor(
             [self.task.reward(problems[int(i)], t) for i, t in zip(rollout.prompt_index, texts)],
             dtype=torch.float32,
             device=rollout.tokens.device,
         )  # (N,)
 
-        t1 = time.perf_counter()
-        mask = rollout.mask  # (N, T)
-        head = self._head()
-        if head is not None:  # fused LM head: (N, T, V) logits never exist
-            stats = self._fused_stats(rollout, head)
-            log_rho = (
-                None if cfg.rho is None else torch.full(mask.shape, math.log(cfg.rho), device=mask.device)
-            )
-        else:
-            stats, log_rho = self._token_stats(self._forward(rollout), rollout.tokens)
-        logp = stats.logp  # (N, T), differentiable
-        # Tail draws: outside the e^-13 safe set whatever ρ this run trains with. Boundary tokens: outside the
-        # trainer's own safe set — one rule, read off the token's gap to its row max (no logits needed).
-        tail = stats.outside(dvp.DEFAULT_RHO, mask)  # (N, T)
-        if cfg.rho_entropy_scale > 0:
-            boundary = metrics.boundary_from_logprobs(logp, mask)  # outside the per-state safe set
-        else:
-            boundary = stats.outside(cfg.rho, mask)  # all False when ρ is None
-        batch = corrected_batch(
-            logp,
-            rollout.logprobs,
-            mask,
-            is_config=self._is,
-            boundary=boundary,
-            drop_boundary=cfg.drop_boundary_tokens,
-            rewards=rewards,
-            k=cfg.k,
-            advantage=cfg.advantage,
-            rejected_in_baseline=cfg.rejected_in_baseline,
-            verl_metrics=cfg.verl_metrics,
-        )
-        advantages, logp_old = batch.advantages, batch.logp_old  # (N,), (N, T)
-        grad_norm = torch.zeros(())
+    def _update(self, rollout: Any, batch: Any, logp: torch.Tensor) -> tuple[dict[str, float], float, float]:
+        """``ppo_epochs`` optimiser passes over one corrected batch: loss → backward → clip → AdamW step.
+
+        The first pass uses ``logp`` from this step's forward; later ones (``ppo_clip`` only) recompute it under
+        the updated weights (:meth:`_policy_logp`) against the batch's fixed ``logp_old``, weights and advantages.
+        The schedule then advances one step.
+
+        Returns:
+            The last pass's loss statistics, its gradient norm before clipping and the learning rate it used.
+        """
+        cfg = self.config
         for epoch in range(cfg.ppo_epochs):
-            if epoch > 0 and head is not None:
-                logp = self._fused_stats(rollout, head).logp
-            elif epoch > 0:
-                logp = self._token_stats(self._forward(rollout), rollout.tokens)[0].logp
+            if epoch > 0:
+                logp = self._policy_logp(rollout)
             loss, loss_stats = batch.loss(
                 logp,
                 agg=cfg.agg,
@@ -369,23 +385,64 @@ class RLOOTrainer:
             self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        return loss_stats, float(grad_norm), float(lr)
+
+    def _eval_reward(self) -> float:
+        """:meth:`evaluate` at step 1 and every ``eval_every`` steps; ``nan`` on the others (and with eval off)."""
+        every = self.config.eval_every
+        due = every and (self.step_count == 1 or self.step_count % every == 0)
+        return self.evaluate() if due else math.nan
+
+    def _record(self, out: dict[str, float]) -> None:
+        """Append a step's metrics row to :attr:`history` and, with a run directory, to ``metrics.jsonl``."""
+        self.history.append(out)
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(out) + "\n")
+
+    def step(self) -> dict[str, float]:
+        """Run one RLOO step, as the module docstring draws it; returns its metrics row.
+
+        rollout → rewards → DVP log-probs → corrected batch (IS weights, boundary tokens, advantages) →
+        loss → update → weight sync → metrics (history, ``metrics.jsonl``).
+        """
+        cfg = self.config
+        t0 = time.perf_counter()
+        problems, rollout = self._rollout()
+        t_rollout = time.perf_counter() - t0
+        rewards = self._rewards(problems, rollout)  # (N,)
+
+        t1 = time.perf_counter()
+        mask = rollout.mask  # (N, T)
+        stats, log_rho = self._policy_stats(rollout)  # stats.logp: (N, T), differentiable
+        # Boundary tokens: sampled outside the trainer's own safe set (per state under the entropy-scaled ρ).
+        if cfg.rho_entropy_scale > 0:
+            boundary = metrics.boundary_from_logprobs(stats.logp, mask)
+        else:
+            boundary = stats.outside(cfg.rho, mask)  # all False when ρ is None
+        batch = corrected_batch(
+            stats.logp,
+            rollout.logprobs,
+            mask,
+            is_config=self._is,
+            boundary=boundary,
+            drop_boundary=cfg.drop_boundary_tokens,
+            rewards=rewards,
+            k=cfg.k,
+            advantage=cfg.advantage,
+            rejected_in_baseline=cfg.rejected_in_baseline,
+            verl_metrics=cfg.verl_metrics,
+        )
+        loss_stats, grad_norm, lr = self._update(rollout, batch, stats.logp)
         t_train = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         self.engine.sync_weights(self.model)
         t_sync = time.perf_counter() - t2
         self.step_count += 1
-        every = cfg.eval_every
-        eval_reward = (
-            self.evaluate() if every and (self.step_count == 1 or self.step_count % every == 0) else math.nan
-        )
+        eval_reward = self._eval_reward()
 
         n_tok = int(mask.sum())
-        delta = (rollout.logprobs - logp_old)[tail]
-        # Tail draws judged on the full vocabulary (logp_old is π^mp under DVP; the tail is about π).
-        assert stats.full_logp is not None  # token_stats / lm_head_token_stats always fill it
-        tail_logp = stats.full_logp[tail]  # (n_tail,)
-        tail_rows = tail.any(-1)  # (N,)
         step_s = time.perf_counter() - t0
         out: dict[str, float] = {
             "step": float(self.step_count),
@@ -393,17 +450,13 @@ class RLOOTrainer:
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "reward/accuracy": float((rewards >= 1.0).float().mean()),
             "response/length_mean": float(rollout.lengths.float().mean()),
-            "mismatch/tail_tokens": float(tail.sum()),
-            "mismatch/tail_delta_mean": float(delta.mean()) if delta.numel() else 0.0,
-            "mismatch/tail_logp_mean": float(tail_logp.mean()) if tail_logp.numel() else math.nan,
-            "mismatch/tail_seqs": float(tail_rows.sum()),
-            "mismatch/tail_pos_adv": float(tail[advantages > 0].sum()),
+            **metrics.tail_draw_metrics(stats, rollout.logprobs, mask, batch.advantages),
             "dvp/log_rho_mean": float(log_rho[mask].double().mean())
             if log_rho is not None and bool(mask.any())
             else math.nan,
             "eval/reward": eval_reward,
-            "optim/grad_norm": float(grad_norm),
-            "optim/lr": float(lr),
+            "optim/grad_norm": grad_norm,
+            "optim/lr": lr,
             "perf/rollout_s": t_rollout,
             "perf/train_s": t_train,
             "perf/sync_s": t_sync,
@@ -415,10 +468,7 @@ class RLOOTrainer:
         out.update(loss_stats)
         for key, value in _PG_LOSS_DEFAULTS.items():
             out.setdefault(key, value)
-        self.history.append(out)
-        if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(out) + "\n")
+        self._record(out)
         return out
 
     @torch.no_grad()
