@@ -342,10 +342,19 @@ def test_rows_without_finite_max_raise():
         lm_head_token_logprobs(h, w, tokens, DEFAULT_RHO)
 
 
-def test_auto_chunk_is_the_logits_kernels():
-    """No chunk_size: blocks sized to DEFAULT_BLOCK_BYTES like token_logprobs' (several blocks here)."""
+def test_auto_chunk_grows_to_a_share_of_the_logits():
+    """No chunk_size: DEFAULT_BLOCK_BYTES blocks as token_logprobs', grown to 1/HEAD_BLOCK_SHARE of the logits
+    the head avoids (each block is a matmul against the whole output layer) up to HEAD_MAX_ROWS; never more
+    rows than there are; an explicit chunk_size is obeyed."""
     vocab = 151_936
-    assert dvp._auto_chunk(vocab, None) * vocab * 4 <= dvp.DEFAULT_BLOCK_BYTES
+    assert dvp._auto_chunk(vocab, None) == 110  # the 64 MiB rule alone
+    assert dvp._head_chunk(vocab, 4096, None, 4) == 4096 // dvp.HEAD_BLOCK_SHARE == 256  # fp32: 1/16 of N × V
+    assert dvp._head_chunk(vocab, 4096, None, 2) == 128  # bf16 logits are half the bytes
+    assert dvp._head_chunk(vocab, 1 << 20, None, 4) == dvp.HEAD_MAX_ROWS
+    assert dvp._head_chunk(vocab, 1024, None, 4) == 110  # few rows: the 64 MiB rule
+    assert dvp._head_chunk(vocab, 100, None, 4) == 100  # never more rows than there are
+    assert dvp._head_chunk(8192, 4096, None, 4) == dvp._auto_chunk(8192, None) == 2048  # small V: 64 MiB rule
+    assert dvp._head_chunk(vocab, 4096, 7, 4) == 7
     h, w, _, tokens = make_head(300, 4, vocab, seed=1, dtype=torch.bfloat16, scale=3.0)
     got = lm_head_token_logprobs(h, w, tokens, DEFAULT_RHO)
     torch.testing.assert_close(got, lm_head_token_logprobs_reference(h, w, tokens, DEFAULT_RHO))

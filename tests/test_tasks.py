@@ -219,7 +219,7 @@ def test_probe_reward_and_known_optimum() -> None:
         (lambda: SortTask(4, alphabet_size=1), "alphabet_size=1"),
         (lambda: CountTask(0), "length=0"),
         (lambda: CountTask(4, 27), "alphabet_size=27"),
-        (lambda: MultiAddTask(9), "n_problems=9"),
+        (lambda: MultiAddTask(25), "n_problems=25"),
         (lambda: MultiAddTask(2, 5), "digits=5"),
         (lambda: ProbeTask(target="x"), "target='x'"),
         (lambda: ProbeTask(target="77"), "target='77'"),

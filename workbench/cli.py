@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``sft``, ``train``, ``report``, ``demo`` and ``diagnose``.
+"""The ``workbench`` command: ``sft``, ``train``, ``report``, ``horizon``, ``demo`` and ``diagnose``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     workbench train --config runs/a/config.json --run-dir runs/a --resume --steps 50
     workbench report runs/a runs/b --out report.html
     workbench report results/headline_floor12/results.json --out headline.svg   # needs kaleido
+    workbench horizon results/headline_floor12 results/floor12_t64 --out results/horizon
     workbench demo --steps 60
     workbench diagnose --model multiadd --engine torch --engine-dtype bf16 --samples 256 --out d
 """
@@ -206,6 +207,47 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results_of(path: str) -> Any:
+    """The :class:`~workbench.experiments.ArmResults` of ``path``: a ``results.json`` or its directory."""
+    from workbench.experiments import load_results
+
+    p = Path(path)
+    return load_results(p / "results.json" if p.is_dir() else p)
+
+
+def cmd_horizon(args: argparse.Namespace) -> int:
+    from workbench.experiments.horizon import horizon_rows
+    from workbench.experiments.runner import atomic_write_json
+    from workbench.viz import horizon_figure, save_figure
+
+    rows = horizon_rows([_results_of(r) for r in args.results])
+    extra = {label: horizon_rows([_results_of(r) for r in paths]) for label, *paths in args.extra or []}
+    out = Path(args.out)
+    atomic_write_json(
+        out / "horizon.json",
+        {
+            "command": " ".join(["workbench", *sys.argv[1:]]),
+            "inputs": args.results,
+            "rows": rows,
+            "extra": extra,
+        },
+    )
+    fig = horizon_figure(rows, extra=extra, title="damage against response length under the e^-12 floor")
+    for suffix in (".html", ".svg"):
+        try:
+            print(f"wrote {save_figure(fig, out / ('horizon' + suffix))}")
+        except ImportError as e:  # the SVG needs kaleido; the HTML and the JSON are written regardless
+            print(f"skipped {suffix}: {e}", file=sys.stderr)
+    for label, rs in {"": rows, **extra}.items():
+        for r in rs:
+            print(
+                f"{label + ': ' if label else ''}{r['scenario']} T={r['T']:.0f} {r['arm']:>8}: damage "
+                f"{r['damage_mean']:.3f} ± {r['damage_sd']:.3f} (seeds {r['seeds']}), tail draws per sequence "
+                f"{r['tail_per_seq']:.2f}, k1 per sequence {r['k1_per_seq']:.2f}"
+            )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from workbench.experiments.demo import run_demo
     from workbench.viz import save_training_report
@@ -300,6 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="file to write: .html (default report.html), or .svg/.png/.pdf (needs pip install kaleido)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "horizon", help="the horizon study: damage against response length from experiments' results"
+    )
+    p.add_argument(
+        "results", nargs="+", help="results.json files (or their directories), each with a control arm"
+    )
+    p.add_argument(
+        "--extra",
+        nargs="+",
+        action="append",
+        metavar=("LABEL", "RESULTS"),
+        help="another set drawn dashed: a label, then its results (repeatable)",
+    )
+    p.add_argument("--out", default="results/horizon", help="directory for horizon.json/.html/.svg")
+    p.set_defaults(func=cmd_horizon)
 
     p = sub.add_parser(
         "demo", help="the headline comparison: naive RLOO vs DVP + MIS, ending in an HTML report"

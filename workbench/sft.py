@@ -281,6 +281,10 @@ PRESETS: dict[str, SFTConfig] = {
     "multiadd6": SFTConfig(
         task="multiadd", task_kwargs={"n_problems": 6, "digits": 2}, steps=1500, model=PRESET_MODEL
     ),
+    # Twelve posed additions (responses up to 124 tokens): the horizon study's T ≈ 128 point.
+    "multiadd12": SFTConfig(
+        task="multiadd", task_kwargs={"n_problems": 12, "digits": 2}, steps=1500, model=PRESET_MODEL
+    ),
 }
 
 

@@ -16,6 +16,7 @@ module                                         what it does
 :mod:`~workbench.experiments.overlap`          check 2: safe-set overlap and boundary-token rate
 :mod:`~workbench.experiments.sweep`            check 3: the ρ sweep (training runs) and its U-shape test
 :mod:`~workbench.experiments.beyond`           Prop 5.5 on measured Z, GRPO / PPO-clip, entropy-scaled ρ
+:mod:`~workbench.experiments.horizon`          damage against response length (Theorem 4.1's accumulation)
 :mod:`~workbench.experiments.diagnose`         ``workbench diagnose``: a model + engine's mismatch before training
 =============================================  ==============================================================
 """
@@ -23,6 +24,7 @@ module                                         what it does
 from workbench.experiments.beyond import LOSS_VARIANTS, adaptive_rho, loss_variants, prop55_on_policy
 from workbench.experiments.collapse import CollapseCriterion, Verdict, classify
 from workbench.experiments.diagnose import DiagnoseConfig, run_diagnosis
+from workbench.experiments.horizon import HORIZON_SCENARIOS, horizon_rows, sequence_mismatch
 from workbench.experiments.overlap import measure_overlap
 from workbench.experiments.presets import (
     ARMS,
@@ -52,6 +54,7 @@ __all__ = [
     "ARMS",
     "HEADLINE_ARMS",
     "HEADLINE_SCENARIO",
+    "HORIZON_SCENARIOS",
     "LOSS_VARIANTS",
     "PAPER_RHO",
     "SCENARIOS",
@@ -65,6 +68,7 @@ __all__ = [
     "atomic_write_text",
     "classify",
     "engine_label",
+    "horizon_rows",
     "load_results",
     "load_sweep",
     "loss_variants",
@@ -81,6 +85,7 @@ __all__ = [
     "run_length",
     "run_one",
     "sample_policy",
+    "sequence_mismatch",
     "trainer_logits",
     "u_shape",
 ]

@@ -27,6 +27,7 @@ scenario            engine
                     label-smoothed policy, whose unused ids sit close enough to the max for σ to reach
 ``floor12_t64``     ``floor12`` with responses up to 64 tokens (six posed additions, ``multiadd6`` policy):
                     the second point of the horizon study (issue 14)
+``floor12_t128``    the same with twelve posed additions (up to 124 tokens, ``multiadd12``): the third point
 ``vllm_bf16``       real vLLM (CPU build, or CUDA) serving the policy in bf16 against the fp32 trainer: no
                     emulation at all — the mismatch of a real engine (its ``control`` arm is fp32 vLLM)
 ==================  ====================================================================================
@@ -107,6 +108,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         **_MULTIADD,
         "model": "multiadd6",
         "task_kwargs": {"n_problems": 6, "digits": 2},
+        "perturbation": "floor:12",
+    },
+    # The same at T ≈ 128: twelve posed additions (responses up to 124 tokens), `multiadd12` warm start.
+    "floor12_t128": {
+        **_MULTIADD,
+        "model": "multiadd12",
+        "task_kwargs": {"n_problems": 12, "digits": 2},
         "perturbation": "floor:12",
     },
 }

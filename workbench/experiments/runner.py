@@ -79,6 +79,10 @@ KEPT_KEYS: tuple[str, ...] = (
     "dvp/entropy_mean",
     "dvp/logp_mean",
     "is/ess",
+    # What the correction drops (seq-MIS: 1 − the kept fraction of sequences; lessons/LOG.md, horizon study).
+    "is/frac_masked",
+    "is/frac_vetoed",
+    "is/frac_trust_region",
     "optim/grad_norm",
     "loss/all_rejected",
     "perf/step_s",

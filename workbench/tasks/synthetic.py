@@ -195,14 +195,15 @@ class MultiAddTask:
     """
 
     n_problems: int = 2
-    """Further additions the model must pose and solve, 0–8 (0 reduces to :class:`AdditionTask`)."""
+    """Further additions the model must pose and solve, 0–24 (0 reduces to :class:`AdditionTask`; 24 two-digit
+    additions make responses of up to 244 tokens, the horizon study's longest)."""
     digits: int = 2
     """Digits per operand of the prompt and of posed problems, 1–4."""
 
     name: ClassVar[str] = "multiadd"
 
     def __post_init__(self) -> None:
-        check_int("n_problems", self.n_problems, 0, 8, "use fewer posed problems to keep responses short")
+        check_int("n_problems", self.n_problems, 0, 24, "use fewer posed problems to keep responses short")
         check_int("digits", self.digits, 1, 4, "posed problems take 3*digits+4 tokens each")
 
     @property

@@ -7,7 +7,7 @@ figure or a widget; nothing here runs an engine or an experiment.
 =========================================  ==================================================================
 module                                     what it draws
 =========================================  ==================================================================
-:mod:`~workbench.viz.figures`              training curves, the ρ sweep, signature, overlap, Prop 5.5; HTML
+:mod:`~workbench.viz.figures`              training curves, ρ sweep, horizons, signature, overlap, Prop 5.5
 :mod:`~workbench.viz.explore`              the pictures and slider explorers of notebooks 01–05
 :mod:`~workbench.viz.dashboard`            the live training dashboard of notebook 06
 :mod:`~workbench.viz.diagnose_report`      the ``workbench diagnose`` report
@@ -32,6 +32,7 @@ from workbench.viz.explore import (
 from workbench.viz.figures import (
     EXPERIMENT_PANELS,
     TRAINING_PANELS,
+    horizon_figure,
     overlap_figure,
     prop55_figure,
     save_figure,
@@ -58,6 +59,7 @@ __all__ = [
     "diagnose_figure",
     "diagnose_report_html",
     "envelope_figure",
+    "horizon_figure",
     "mismatch_by_bin_figure",
     "overlap_figure",
     "positive_mode_figure",

@@ -275,6 +275,93 @@ def sweep_figure(points: Sequence[Mapping[str, Any]], *, title: str = "") -> go.
     return fig
 
 
+def horizon_figure(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    extra: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    title: str = "",
+) -> go.Figure:
+    """The horizon study: damage against response length T, one line per arm, error bars over seeds.
+
+    Args:
+        rows: :func:`workbench.experiments.horizon.horizon_rows` (``T``, ``arm``, ``damage_mean``,
+            ``damage_sd``, ``damage`` per seed, ``tail_per_seq``).
+        extra: more row sets drawn dashed under their own label (e.g. ``{"4.5 M, GPU": rows}``).
+        title: figure title.
+
+    Returns:
+        Two panels: damage (control − arm, final clean-eval reward; mean ± sample sd, every seed as a
+        faint dot) and tail draws per sequence, both against T.
+
+    >>> rows = [{"T": 23.0, "arm": "naive", "damage": [0.1, 0.12], "damage_mean": 0.11, "damage_sd": 0.014,
+    ...          "tail_per_seq": 0.35},
+    ...         {"T": 58.0, "arm": "naive", "damage": [0.2, 0.3], "damage_mean": 0.25, "damage_sd": 0.07,
+    ...          "tail_per_seq": 0.83}]
+    >>> fig = horizon_figure(rows)
+    >>> [t.name for t in fig.data], fig.data[0].y
+    (['naive', 'naive (seeds)', 'naive tail draws'], (0.11, 0.25))
+    """
+    sets = {"": _non_empty("rows", rows), **{k: _non_empty(k, v) for k, v in (extra or {}).items()}}
+    arms = list(dict.fromkeys(r["arm"] for rs in sets.values() for r in rs))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=(
+            "damage: control − arm, final clean-eval reward (mean ± sd over seeds)",
+            "tail draws per sequence",
+        ),
+        horizontal_spacing=0.1,
+    )
+    for label, rs in sets.items():
+        dash = "solid" if not label else "dash"
+        for arm in arms:
+            pts = sorted((r for r in rs if r["arm"] == arm), key=lambda r: r["T"])
+            if not pts:
+                continue
+            name = f"{arm} ({label})" if label else arm
+            color = _COLORS[arms.index(arm) % len(_COLORS)]
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["T"] for r in pts],
+                    y=_finite([r["damage_mean"] for r in pts]),
+                    error_y={"type": "data", "array": _finite([r["damage_sd"] for r in pts])},
+                    mode="lines+markers",
+                    name=name,
+                    line={"color": color, "dash": dash},
+                ),
+                row=1,
+                col=1,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["T"] for r in pts for _ in r["damage"]],
+                    y=_finite([d for r in pts for d in r["damage"]]),
+                    mode="markers",
+                    name=f"{name} (seeds)",
+                    marker={"color": color, "opacity": 0.35, "size": 6},
+                    showlegend=False,
+                ),
+                row=1,
+                col=1,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["T"] for r in pts],
+                    y=_finite([r["tail_per_seq"] for r in pts]),
+                    mode="lines+markers",
+                    name=f"{name} tail draws",
+                    line={"color": color, "dash": dash},
+                    showlegend=False,
+                ),
+                row=1,
+                col=2,
+            )
+    fig.add_hline(y=0.0, line={"color": "#888", "width": 1}, row=1, col=1)
+    fig.update_xaxes(title_text="response length T (tokens)")
+    fig.update_layout(title=title, height=400, template="plotly_white", margin={"t": 70, "b": 50})
+    return fig
+
+
 def signature_figure(
     signatures: Sequence[Any] | Mapping[str, Any], *, max_points: int = 2000, title: str = ""
 ) -> go.Figure:
