@@ -28,6 +28,7 @@ scenario            engine
 ``floor12_t64``     ``floor12`` with responses up to 64 tokens (six posed additions, ``multiadd6`` policy):
                     the second point of the horizon study (issue 14)
 ``floor12_t128``    the same with twelve posed additions (up to 124 tokens, ``multiadd12``): the third point
+``kvquant_t64``     ``kvquant`` (a 4-bit KV cache) at the T ≈ 64 horizon: the physical perturbation's point
 ``vllm_bf16``       real vLLM (CPU build, or CUDA) serving the policy in bf16 against the fp32 trainer: no
                     emulation at all — the mismatch of a real engine (its ``control`` arm is fp32 vLLM)
 ==================  ====================================================================================
@@ -109,6 +110,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "model": "multiadd6",
         "task_kwargs": {"n_problems": 6, "digits": 2},
         "perturbation": "floor:12",
+    },
+    # The most physical perturbation that reaches the tail (a 4-bit KV cache) at the T ≈ 64 horizon.
+    "kvquant_t64": {
+        **_MULTIADD,
+        "model": "multiadd6",
+        "task_kwargs": {"n_problems": 6, "digits": 2},
+        "perturbation": "kvquant:4",
     },
     # The same at T ≈ 128: twelve posed additions (responses up to 124 tokens), `multiadd12` warm start.
     "floor12_t128": {
