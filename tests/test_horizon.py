@@ -4,7 +4,7 @@
   of the same task, T from the control's lengths, per-sequence tail draws and k1; clear errors.
 - The QUICK probe on the shipped policies: at T ≈ 60 a naive run draws more tail tokens per sequence and has
   a larger sequence log-ratio than at T ≈ 24 (lessons/LOG.md: 0.35 → 0.83 and 5.8 → 14 over 150 steps).
-- ``workbench horizon`` writes the rows and the figure.
+- ``workbench horizon`` writes the rows and the figure, each extra set in its own line style.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 
 from workbench.cli import main
 from workbench.experiments import ArmResults, RunResult, horizon_rows, sequence_mismatch
+from workbench.viz import horizon_figure
 
 
 def _run(arm: str, seed: int, evals: list[float], length: float, tails: float, k1: float) -> RunResult:
@@ -99,3 +100,22 @@ def test_cli_writes_rows_and_figure(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "out" / "horizon.json").read_text())
     assert [r["arm"] for r in data["rows"]] == ["naive"] and data["rows"][0]["damage"] == pytest.approx([0.2])
     assert "plotly" in (tmp_path / "out" / "horizon.html").read_text()
+
+
+def test_cli_draws_each_extra_set_in_its_own_style_under_the_given_title(tmp_path: Path) -> None:
+    """Two extra sets of the same arm must not look alike (they did: both were 'dash')."""
+    runs = [_run("control", 0, [0.5, 0.9], 20.0, 0, 0), _run("naive", 0, [0.5, 0.7], 22.0, 4, 0.5)]
+    _results(runs).save(tmp_path / "short")
+    args = ["horizon", str(tmp_path / "short"), "--out", str(tmp_path / "out"), "--title", "floor, 0.4 M"]
+    for label in ("GPU", "int4 KV"):
+        args += ["--extra", label, str(tmp_path / "short")]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "out" / "horizon.json").read_text())
+    assert sorted(data["extra"]) == ["GPU", "int4 KV"]
+    rows, extra = data["rows"], data["extra"]
+    fig = horizon_figure(rows, extra=extra, title="floor, 0.4 M")
+    lines = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in lines] == ["naive", "naive (GPU)", "naive (int4 KV)"]
+    assert len({(t.line.dash, t.marker.symbol) for t in lines}) == 3
+    assert len({t.line.color for t in lines}) == 1  # the arm keeps its colour across sets
+    assert "floor, 0.4 M" in (tmp_path / "out" / "horizon.html").read_text()

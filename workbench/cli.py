@@ -232,7 +232,7 @@ def cmd_horizon(args: argparse.Namespace) -> int:
             "extra": extra,
         },
     )
-    fig = horizon_figure(rows, extra=extra, title="damage against response length under the e^-12 floor")
+    fig = horizon_figure(rows, extra=extra, title=args.title)
     for suffix in (".html", ".svg"):
         try:
             print(f"wrote {save_figure(fig, out / ('horizon' + suffix))}")
@@ -354,9 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         action="append",
         metavar=("LABEL", "RESULTS"),
-        help="another set drawn dashed: a label, then its results (repeatable)",
+        help="another set, drawn with its own line style: a label, then its results (repeatable)",
     )
     p.add_argument("--out", default="results/horizon", help="directory for horizon.json/.html/.svg")
+    p.add_argument(
+        "--title",
+        default="damage against response length",
+        help="figure title (say what the unlabelled solid lines are, e.g. the model and the perturbation)",
+    )
     p.set_defaults(func=cmd_horizon)
 
     p = sub.add_parser(

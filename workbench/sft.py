@@ -16,6 +16,7 @@ temperature 1 without min-p, i.e. what RL starts from; "tail" = teacher-forced c
 | ``multiadd`` | 1500 | 203 | 0.85 | 0.90 | 0.95 | 99.4 % | 19.9 nats | 1e-4 |
 | ``multiadd_smooth`` | 1500 | 248 | 1.02 | 0.69 | 0.79 | 32 % | 12.7 nats | 1e-2 |
 | ``multiadd6`` (2026-12-04) | 1500 | 539 | 0.97 | 0.80 | 0.54 | 99.5 % | 23.7 nats | 1e-4 |
+| ``multiadd12`` (2026-12-04) | 1500 | 881 | 1.07 | 0.47 | 0.42 | 99.3 % | 26.0 nats | 2e-4 |
 
 ("unused gap": median over positions and ``<unused_i>`` ids of ``max logit − logit``; "unused
 mass": their total probability per position; :func:`tail_stats`.) Each policy was trained with 0.37 M
@@ -23,9 +24,11 @@ parameters (four 16-wide heads) and is saved with its heads widened to 32 (:attr
 :func:`workbench.models.widen_heads`: the same function to float rounding — max |Δ log p| 1.9e-5 — so the
 table holds) so that vLLM's CPU attention can serve it: 0.40 M parameters, 1.7 MB on disk in fp32.
 ``multiadd``'s loss floor is high because the posed operands are random. ``multiadd6`` (six posed
-additions, responses up to 64 tokens) is the long-horizon start of issue 14; its greedy decode scores
-below its samples (0.54 vs 0.80): greedy decoding poses the same addition again (22 of 24 prompts
-checked), which the task does not reward.
+additions, responses up to 64 tokens) and ``multiadd12`` (twelve, up to 124 tokens) are the long-horizon
+starts of issue 14; ``multiadd6``'s greedy decode scores below its samples (0.54 vs 0.80): greedy decoding
+poses the same addition again (22 of 24 prompts checked), which the task does not reward. ``multiadd12``
+gets half of its twelve additions right (0.47): the same 0.4 M model and 1,500 steps, twice the length —
+room for RL to improve, which the horizon study's control arm does (0.45 → 0.59 in 150 steps).
 
 How it departs from a plain SFT loop (MEASUREMENTS.md: a 5 M-parameter model took ~9 min here):
 

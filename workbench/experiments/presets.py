@@ -31,6 +31,7 @@ scenario            engine
 ``kvquant_t64``     ``kvquant`` (a 4-bit KV cache) at the T ≈ 64 horizon: the physical perturbation's point
 ``vllm_bf16``       real vLLM (CPU build, or CUDA) serving the policy in bf16 against the fp32 trainer: no
                     emulation at all — the mismatch of a real engine (its ``control`` arm is fp32 vLLM)
+``vllm_bf16_t64``   ``vllm_bf16`` at the T ≈ 64 horizon (``multiadd6``): the real engine's point of the study
 ==================  ====================================================================================
 """
 
@@ -117,6 +118,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "model": "multiadd6",
         "task_kwargs": {"n_problems": 6, "digits": 2},
         "perturbation": "kvquant:4",
+    },
+    # The real bf16 engine at the T ≈ 64 horizon: does a longer response let real rounding reach the tail?
+    "vllm_bf16_t64": {
+        **_MULTIADD,
+        "model": "multiadd6",
+        "task_kwargs": {"n_problems": 6, "digits": 2},
+        "engine": "vllm",
     },
     # The same at T ≈ 128: twelve posed additions (responses up to 124 tokens), `multiadd12` warm start.
     "floor12_t128": {

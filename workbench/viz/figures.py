@@ -45,6 +45,8 @@ EXPERIMENT_PANELS: tuple[tuple[str, str, bool], ...] = (
     ("optim/grad_norm", "grad norm (pre-clip)", True),
 )
 _COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+_SET_DASHES = ("solid", "dash", "dot", "dashdot")  # horizon_figure: one line style per row set
+_SET_SYMBOLS = ("circle", "diamond", "square", "triangle-up")
 
 
 def training_figure(
@@ -286,7 +288,8 @@ def horizon_figure(
     Args:
         rows: :func:`workbench.experiments.horizon.horizon_rows` (``T``, ``arm``, ``damage_mean``,
             ``damage_sd``, ``damage`` per seed, ``tail_per_seq``).
-        extra: more row sets drawn dashed under their own label (e.g. ``{"4.5 M, GPU": rows}``).
+        extra: more row sets, each drawn with its own dash and marker under its own label (e.g.
+            ``{"4.5 M, GPU": rows}``); the arm keeps its colour across sets.
         title: figure title.
 
     Returns:
@@ -312,8 +315,9 @@ def horizon_figure(
         ),
         horizontal_spacing=0.1,
     )
-    for label, rs in sets.items():
-        dash = "solid" if not label else "dash"
+    for i, (label, rs) in enumerate(sets.items()):
+        dash = _SET_DASHES[i % len(_SET_DASHES)]
+        symbol = _SET_SYMBOLS[i % len(_SET_SYMBOLS)]
         for arm in arms:
             pts = sorted((r for r in rs if r["arm"] == arm), key=lambda r: r["T"])
             if not pts:
@@ -328,6 +332,7 @@ def horizon_figure(
                     mode="lines+markers",
                     name=name,
                     line={"color": color, "dash": dash},
+                    marker={"symbol": symbol, "size": 8},
                 ),
                 row=1,
                 col=1,
@@ -351,6 +356,7 @@ def horizon_figure(
                     mode="lines+markers",
                     name=f"{name} tail draws",
                     line={"color": color, "dash": dash},
+                    marker={"symbol": symbol, "size": 8},
                     showlegend=False,
                 ),
                 row=1,
