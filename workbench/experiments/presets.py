@@ -67,6 +67,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "dvp": {"rho": PAPER_RHO, "is_mode": "none", "veto": None},
     # The paper's recipe: DVP + token MIS + veto.
     "dvp_mis": {"rho": PAPER_RHO, "is_mode": "token_mis", "veto": 1e-4},
+    # The same without the sequence veto: at long horizons the veto drops every sequence holding one
+    # floored draw (80 % of them at T ≈ 128) and DVP + MIS ends below naive (lessons/LOG.md, 2026-12-05).
+    "dvp_mis_noveto": {"rho": PAPER_RHO, "is_mode": "token_mis", "veto": None},
     # No mismatch at all (fp32 engine, no perturbation), naive RLOO: the ceiling the others chase.
     "control": {"rho": None, "is_mode": "none", "veto": None, "engine_dtype": "fp32", "perturbation": None},
 }
