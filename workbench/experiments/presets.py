@@ -89,6 +89,13 @@ _MULTIADD: dict[str, Any] = {
 }
 
 #: Shared settings of each scenario (arms are applied on top).
+# Six posed additions on the `multiadd6` warm start: the T ≈ 64 point of the horizon study.
+_MULTIADD_T64: dict[str, Any] = {
+    **_MULTIADD,
+    "model": "multiadd6",
+    "task_kwargs": {"n_problems": 6, "digits": 2},
+}
+
 SCENARIOS: dict[str, dict[str, Any]] = {
     # No perturbation beyond fp32 vs fp32: the control.
     "clean": {"model": "add2", "task": "addition", "engine_dtype": "fp32", "lr": 3e-5},
@@ -107,28 +114,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "gaussian": {**_MULTIADD, "model": "multiadd_smooth", "perturbation": "gaussian:0.5"},
     # Real vLLM in bf16, no emulated perturbation: what a real engine's mismatch does to the headline setup.
     "vllm_bf16": {**_MULTIADD, "engine": "vllm"},
-    # The headline's floor at a longer horizon (issue 14): six posed additions, responses up to 64 tokens,
-    # on the `multiadd6` warm start; everything else as `floor12`.
-    "floor12_t64": {
-        **_MULTIADD,
-        "model": "multiadd6",
-        "task_kwargs": {"n_problems": 6, "digits": 2},
-        "perturbation": "floor:12",
-    },
-    # The most physical perturbation that reaches the tail (a 4-bit KV cache) at the T ≈ 64 horizon.
-    "kvquant_t64": {
-        **_MULTIADD,
-        "model": "multiadd6",
-        "task_kwargs": {"n_problems": 6, "digits": 2},
-        "perturbation": "kvquant:4",
-    },
-    # The real bf16 engine at the T ≈ 64 horizon: does a longer response let real rounding reach the tail?
-    "vllm_bf16_t64": {
-        **_MULTIADD,
-        "model": "multiadd6",
-        "task_kwargs": {"n_problems": 6, "digits": 2},
-        "engine": "vllm",
-    },
+    # The horizon study (issue 14): `floor12` at a longer horizon — six posed additions, responses up to 64
+    # tokens, on the `multiadd6` warm start — then the int4 KV cache (the most physical perturbation that
+    # reaches the tail) and the real bf16 engine at the same horizon.
+    "floor12_t64": {**_MULTIADD_T64, "perturbation": "floor:12"},
+    "kvquant_t64": {**_MULTIADD_T64, "perturbation": "kvquant:4"},
+    "vllm_bf16_t64": {**_MULTIADD_T64, "engine": "vllm"},
     # The same at T ≈ 128: twelve posed additions (responses up to 124 tokens), `multiadd12` warm start.
     "floor12_t128": {
         **_MULTIADD,
