@@ -88,7 +88,6 @@ _MULTIADD: dict[str, Any] = {
     "eval_every": 10,
 }
 
-#: Shared settings of each scenario (arms are applied on top).
 # Six posed additions on the `multiadd6` warm start: the T ≈ 64 point of the horizon study.
 _MULTIADD_T64: dict[str, Any] = {
     **_MULTIADD,
@@ -96,6 +95,7 @@ _MULTIADD_T64: dict[str, Any] = {
     "task_kwargs": {"n_problems": 6, "digits": 2},
 }
 
+#: Shared settings of each scenario (arms are applied on top).
 SCENARIOS: dict[str, dict[str, Any]] = {
     # No perturbation beyond fp32 vs fp32: the control.
     "clean": {"model": "add2", "task": "addition", "engine_dtype": "fp32", "lr": 3e-5},
