@@ -311,6 +311,37 @@ def test_memory_is_a_few_blocks_not_the_logits(dtype):
 # bad input: ValueError naming the argument, the value and the fix
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rho", [DEFAULT_RHO, 1.0], ids=str)
+def test_cut_found_in_row_slices(monkeypatch, dtype, rho):
+    """The forward finds each row's cut (for the recomputing backward) a few rows at a time: with 2-row slices
+    of 5-row blocks (slices 2, 2, 1) values and gradients still equal the reference, and with grad-requiring
+    inputs the forward's peak is the block plus two one-row slices, not two more blocks. ρ = 1 puts the
+    argmax exactly on the cut, where a wrong cut would drop it."""
+    h, w, _, tokens = make_head(23, 12, 157, seed=3, dtype=dtype, scale=2.0)
+    tokens[:5] = F.linear(h, w).float().argmax(-1)[:5]
+    upstream = torch.randn(23, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref_v, ref_g = value_and_grads(
+        lambda hh, ww: lm_head_token_logprobs_reference(hh, ww, tokens, rho), [h, w], upstream
+    )
+    monkeypatch.setattr(dvp, "CUT_SLICE_ELEMENTS", 2 * 157)
+    v, g = value_and_grads(
+        lambda hh, ww: lm_head_token_logprobs(hh, ww, tokens, rho, chunk_size=5), [h, w], upstream
+    )
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+    close_grads(g, ref_g, dtype)
+
+    rows, dim, vocab, chunk = 64, 8, 8192, 16
+    block = chunk * vocab * 4  # fp32 [chunk, V]
+    monkeypatch.setattr(dvp, "CUT_SLICE_ELEMENTS", vocab)  # one-row slices: 5 bytes an element
+    x, wx, _, tok = make_head(rows, dim, vocab, seed=0, dtype=dtype)
+    x.requires_grad_(True)
+    wx.requires_grad_(True)
+    small = 4 * rows * dim * 4 + rows * 64 + 64 * 1024
+    fwd = peak_bytes(lambda: lm_head_token_logprobs(x, wx, tok, DEFAULT_RHO, chunk_size=chunk))
+    assert fwd <= (block if dtype == torch.float32 else block * 3 // 2) + 5 * vocab + small
+
+
 def test_bad_inputs():
     h, w, b, tokens = make_head(4, 6, 20, seed=0, dtype=torch.float32, bias=True)
     with pytest.raises(ValueError, match="hidden must be a floating-point tensor"):
@@ -348,10 +379,14 @@ def test_auto_chunk_grows_to_a_share_of_the_logits():
     rows than there are; an explicit chunk_size is obeyed."""
     vocab = 151_936
     assert dvp._auto_chunk(vocab, None) == 110  # the 64 MiB rule alone
-    assert dvp._head_chunk(vocab, 4096, None, 4) == 4096 // dvp.HEAD_BLOCK_SHARE == 256  # fp32: 1/16 of N × V
-    assert dvp._head_chunk(vocab, 4096, None, 2) == 128  # bf16 logits are half the bytes
+    # fp32: 1/10 of N × V (409 rows), rounded down to a multiple of 64 rows
+    assert dvp._head_chunk(vocab, 4096, None, 4) == 384 and 4096 // dvp.HEAD_BLOCK_SHARE == 409
+    # bf16: the logits are half the bytes and a block needs 6 bytes an element (bf16 block + fp32 workspace)
+    assert dvp._head_chunk(vocab, 4096, None, 2) == 128 and 4096 * 2 // (6 * dvp.HEAD_BLOCK_SHARE) == 136
+    assert dvp._head_chunk(vocab, 600, None, 4) == 110  # 60 rows: below one multiple, the 64 MiB rule wins
+    assert dvp._head_chunk(vocab, 1400, None, 4) == 128  # 140 rows → 128
     assert dvp._head_chunk(vocab, 1 << 20, None, 4) == dvp.HEAD_MAX_ROWS
-    assert dvp._head_chunk(vocab, 1024, None, 4) == 110  # few rows: the 64 MiB rule
+    assert dvp._head_chunk(vocab, 512, None, 4) == 110  # few rows: the 64 MiB rule
     assert dvp._head_chunk(vocab, 100, None, 4) == 100  # never more rows than there are
     assert dvp._head_chunk(8192, 4096, None, 4) == dvp._auto_chunk(8192, None) == 2048  # small V: 64 MiB rule
     assert dvp._head_chunk(vocab, 4096, 7, 4) == 7

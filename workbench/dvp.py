@@ -67,6 +67,7 @@ __all__ = [
     "DEFAULT_RHO",
     "HEAD_BLOCK_SHARE",
     "HEAD_MAX_ROWS",
+    "HEAD_ROW_MULTIPLE",
     "MASK_MARGIN",
     "TokenStats",
     "entropy_scaled_safe_mask",
@@ -280,17 +281,26 @@ class _Cut:
         return F.threshold_(s, self.below, self.fill) if self.rho is not None else s.clamp_(min=self.floor)
 
 
-HEAD_BLOCK_SHARE: int = 16
-"""With ``chunk_size=None`` the fused LM head (:func:`lm_head_token_logprobs`) lets its fp32 block grow to
-``1/HEAD_BLOCK_SHARE`` of the logits it avoids (``N × V`` in the inputs' dtype), up to :data:`HEAD_MAX_ROWS`
-rows, where that is more than :data:`DEFAULT_BLOCK_BYTES` allows.
+HEAD_BLOCK_SHARE: int = 10
+"""With ``chunk_size=None`` the fused LM head (:func:`lm_head_token_logprobs`) lets a forward block's working
+memory grow to ``1/HEAD_BLOCK_SHARE`` of the logits it avoids (``N × V`` in the inputs' dtype), in multiples of
+:data:`HEAD_ROW_MULTIPLE` rows up to :data:`HEAD_MAX_ROWS`, where that is more than :data:`DEFAULT_BLOCK_BYTES`
+allows. The backward's vocabulary tiles hold as many elements.
 
 Each of its blocks is a matmul against the whole ``[V, H]`` output layer, and a matmul with few rows runs far
-below full speed. Measured on 2 CPU cores at N = 4,096, H = 1,024, V = 151,936, fp32: the whole ``F.linear``
-7.2 s, the same in 110-row blocks (the 64 MiB rule) 12.0 s, in 512-row blocks 8.7 s; the fused forward +
-backward 44 s in 110-row blocks, 35 s in 256-row ones (this rule: 0.05× the unfused path's memory), 31 s in
-512-row ones (unfused: 27–31 s). In bf16 the logits are half the size, so the rule gives 128 rows.
+below full speed. Measured on 2 CPU cores at N = 4,096, H = 1,024, V = 151,936, fp32 (2026-12-05; unfused
+path 26.6–26.8 s forward + backward, 2.4 GB of logits): the fused forward + backward took 44 s in 110-row
+blocks (the 64 MiB rule), 35 s in 256-row ones, 33.9 s in 320-row, 33.4 s in 384-row (this rule: 0.09× the
+unfused path's forward memory) and 32.2 s in 512-row ones (0.12×, over the 0.1× that issue 15 allows). In bf16
+a block element costs 6 bytes (the bf16 block and its fp32 workspace), so the rule gives 128 rows.
 """
+
+CUT_SLICE_ELEMENTS: int = 2**21
+"""Elements (8 MiB in fp32) per slice when the fused head's forward finds each row's cut for the backward."""
+
+HEAD_ROW_MULTIPLE: int = 64
+"""A grown fused-LM-head block has a multiple of this many rows: measured as for :data:`HEAD_BLOCK_SHARE`, fp32
+forward + backward took 35.4 s in 372-row blocks, 33.4 s in 384-row and 33.9 s in 320-row ones."""
 
 HEAD_MAX_ROWS: int = 512
 """The most rows :data:`HEAD_BLOCK_SHARE` grows a fused-LM-head block to (311 MB in fp32 at V = 151,936)."""
@@ -303,14 +313,20 @@ def _auto_chunk(vocab: int, chunk_size: int | None) -> int:
 
 
 def _head_chunk(vocab: int, rows: int, chunk_size: int | None, itemsize: int) -> int:
-    """Rows per forward block of the fused LM head: ``chunk_size``; else :func:`_auto_chunk`, grown to
-    ``1/HEAD_BLOCK_SHARE`` of the logits (``rows × V`` elements of ``itemsize`` bytes) up to
-    :data:`HEAD_MAX_ROWS`; never more than ``rows``."""
+    """Rows per forward block of the fused LM head: ``chunk_size``; else :func:`_auto_chunk`, grown until a
+    block's working memory is ``1/HEAD_BLOCK_SHARE`` of the logits (``rows × V`` elements of ``itemsize``
+    bytes), rounded down to a multiple of :data:`HEAD_ROW_MULTIPLE`, up to :data:`HEAD_MAX_ROWS`; never more
+    than ``rows``.
+
+    A block's working memory per element is ``itemsize`` for fp32/fp64 (the block is its own workspace)
+    and ``itemsize + 4`` for 16-bit inputs (the block plus its fp32 workspace).
+    """
     auto = _auto_chunk(vocab, chunk_size)
     if chunk_size is None:
-        share = (
-            rows * itemsize // (4 * HEAD_BLOCK_SHARE)
-        )  # an fp32 [share, V] block = logits / HEAD_BLOCK_SHARE
+        work = itemsize if itemsize >= 4 else itemsize + 4  # bytes per block element
+        share = rows * itemsize // (work * HEAD_BLOCK_SHARE)
+        if share >= HEAD_ROW_MULTIPLE:  # matmuls of 64k rows run faster than their neighbours
+            share -= share % HEAD_ROW_MULTIPLE
         auto = max(auto, min(share, HEAD_MAX_ROWS))
     return min(auto, max(rows, 1))
 
@@ -433,7 +449,8 @@ def _blocks_pass(
     ``shape`` is ``(N, V)``; ``dtype`` and ``device`` are the blocks'. With ``scratch`` the blocks are
     throwaway buffers the pass may overwrite, and fp32/fp64 ones serve as the workspace themselves.
     With ``row_cut`` (and ρ) each row also gets the midpoint between its largest pruned and smallest kept
-    shifted logit, for a backward pass that recomputes the logits (:func:`_grad_logits_into`).
+    shifted logit, for a backward pass that recomputes the logits (:func:`_grad_logits_into`); that takes
+    two buffers of :data:`CUT_SLICE_ELEMENTS`, not two more blocks.
     """
     n, vocab = shape
     cdt = _compute_dtype(dtype)
@@ -448,9 +465,9 @@ def _blocks_pass(
     if row_cut:
         hi_pruned = torch.empty(n, 1, dtype=cdt, device=device)
         lo_kept = torch.empty(n, 1, dtype=cdt, device=device)
-        side = torch.empty(chunk, vocab, dtype=cdt, device=device)  # (chunk, V) one side of the cut
-        below_cut = torch.empty(chunk, vocab, dtype=torch.bool, device=device)
-        inf = torch.tensor(math.inf, dtype=cdt, device=device)
+        cut_rows = max(1, min(chunk, CUT_SLICE_ELEMENTS // vocab))
+        side = torch.empty(cut_rows, vocab, dtype=cdt, device=device)  # (r, V) one side of the cut
+        below_cut = torch.empty(cut_rows, vocab, dtype=torch.bool, device=device)
     s_tok = torch.zeros(n, dtype=cdt, device=device)  # shifted logit of each token
     s_kept = torch.empty(n, 1, dtype=cdt, device=device)  # Σ_{V_S} exp(s)
     if stats:
@@ -463,14 +480,8 @@ def _blocks_pass(
         m_all[i : i + c] = _shift_into(block, temperature, s)
         if tokens is not None:
             s_tok[i : i + c] = s.gather(1, tokens[i : i + c, None]).squeeze(1)
-        if row_cut:  # the largest pruned and the smallest kept shifted logit
-            torch.lt(s, k.log_rho, out=below_cut[:c])
-            torch.amax(
-                torch.where(below_cut[:c], s, -inf, out=side[:c]), -1, keepdim=True, out=hi_pruned[i : i + c]
-            )
-            torch.amin(
-                torch.where(below_cut[:c], inf, s, out=side[:c]), -1, keepdim=True, out=lo_kept[i : i + c]
-            )
+        if row_cut:
+            _cut_sides_into(s, k.log_rho, below_cut, side, hi_pruned[i : i + c], lo_kept[i : i + c])
         if not stats:
             # pruned -> fill (≤ floor): exp is ≈ 0 and fast; without ρ the tail is clamped to the floor
             torch.sum(k.park_(s).exp_(), -1, keepdim=True, out=s_kept[i : i + c])
@@ -513,6 +524,29 @@ def _blocks_pass(
         out.gap = s_tok
         out.full_logp = s_tok - log_s_all.squeeze(1)
     return out
+
+
+def _cut_sides_into(
+    s: torch.Tensor,
+    log_rho: float,
+    below: torch.Tensor,
+    side: torch.Tensor,
+    hi_pruned: torch.Tensor,
+    lo_kept: torch.Tensor,
+) -> None:
+    """Each row's largest pruned (``s < log ρ``) and smallest kept shifted logit of ``s [c, V]`` into
+    ``hi_pruned`` / ``lo_kept [c, 1]`` (``−inf`` / ``inf`` where a side is empty), through the ``[r, V]``
+    buffers ``below`` (bool) and ``side`` a slice of ``r`` rows at a time: a full ``[c, V]`` pair of
+    buffers would be as large as the block itself (the fused head's memory bound) for the same five passes.
+    """
+    r = side.shape[0]
+    inf = torch.tensor(math.inf, dtype=s.dtype, device=s.device)
+    for j in range(0, s.shape[0], r):
+        x = s[j : j + r]
+        b, y = below[: x.shape[0]], side[: x.shape[0]]
+        torch.lt(x, log_rho, out=b)
+        torch.amax(torch.where(b, x, -inf, out=y), -1, keepdim=True, out=hi_pruned[j : j + r])
+        torch.amin(torch.where(b, inf, x, out=y), -1, keepdim=True, out=lo_kept[j : j + r])
 
 
 def _grad_logits_into(
