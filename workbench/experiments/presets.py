@@ -28,6 +28,7 @@ scenario            engine
 ``floor12_t64``     ``floor12`` with responses up to 64 tokens (six posed additions, ``multiadd6`` policy):
                     the second point of the horizon study (issue 14)
 ``floor12_t128``    the same with twelve posed additions (up to 124 tokens, ``multiadd12``): the third point
+``floor12_t256``    the same with twenty-four (up to 244 tokens, ``multiadd24``): the longest point
 ``kvquant_t64``     ``kvquant`` (a 4-bit KV cache) at the T ≈ 64 horizon: the physical perturbation's point
 ``vllm_bf16``       real vLLM (CPU build, or CUDA) serving the policy in bf16 against the fp32 trainer: no
                     emulation at all — the mismatch of a real engine (its ``control`` arm is fp32 vLLM)
@@ -125,6 +126,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         **_MULTIADD,
         "model": "multiadd12",
         "task_kwargs": {"n_problems": 12, "digits": 2},
+        "perturbation": "floor:12",
+    },
+    # T ≈ 256: twenty-four posed additions (responses up to 244 tokens, the tiny model's 256 positions),
+    # `multiadd24` warm start.
+    "floor12_t256": {
+        **_MULTIADD,
+        "model": "multiadd24",
+        "task_kwargs": {"n_problems": 24, "digits": 2},
         "perturbation": "floor:12",
     },
 }
