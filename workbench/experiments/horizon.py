@@ -2,8 +2,8 @@
 
 Theorem 4.1 says the naive gradient's bias grows with the number of tail tokens in a sequence and does not
 average out, so a perturbation that only degrades a 24-token policy should hurt more as responses grow. The
-study runs one scenario family at several horizons (``floor12`` at T ≈ 24, ``floor12_t64``, ``floor12_t128``:
-the same floor, two, six and twelve posed additions) with a ``control`` arm on every seed, and reads off:
+study runs one scenario family at several horizons (``floor12`` at T ≈ 24, ``floor12_t64``, ``floor12_t128``,
+``floor12_t256``: the same floor, two, six, twelve and twenty-four posed additions) with a ``control`` arm on every seed, and reads off:
 
 - **damage**: the same seed's control minus the arm, final clean-eval reward (the evaluations in the last
   quarter of the steps, averaged: ``summary.csv``'s ``eval_final``) — what the mismatch cost the policy;
@@ -28,8 +28,8 @@ from workbench.experiments.runner import ArmResults, RunResult, _tail_mean, run_
 
 __all__ = ["HORIZON_SCENARIOS", "horizon_rows", "run_damage", "sequence_mismatch"]
 
-#: The horizon study's scenarios, shortest first (responses up to 24, 64 and 124 tokens).
-HORIZON_SCENARIOS: tuple[str, ...] = ("floor12", "floor12_t64", "floor12_t128")
+#: The horizon study's scenarios, shortest first (responses up to 24, 64, 124 and 244 tokens).
+HORIZON_SCENARIOS: tuple[str, ...] = ("floor12", "floor12_t64", "floor12_t128", "floor12_t256")
 
 
 def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
