@@ -307,10 +307,6 @@ def test_memory_is_a_few_blocks_not_the_logits(dtype):
     assert fwd * 5 < naive
 
 
-# ----------------------------------------------------------------------------------------------------
-# bad input: ValueError naming the argument, the value and the fix
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rho", [DEFAULT_RHO, 1.0], ids=str)
 def test_cut_found_in_row_slices(monkeypatch, dtype, rho):
@@ -340,6 +336,10 @@ def test_cut_found_in_row_slices(monkeypatch, dtype, rho):
     small = 4 * rows * dim * 4 + rows * 64 + 64 * 1024
     fwd = peak_bytes(lambda: lm_head_token_logprobs(x, wx, tok, DEFAULT_RHO, chunk_size=chunk))
     assert fwd <= (block if dtype == torch.float32 else block * 3 // 2) + 5 * vocab + small
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input: ValueError naming the argument, the value and the fix
 
 
 def test_bad_inputs():
