@@ -27,11 +27,12 @@ table holds) so that vLLM's CPU attention can serve it: 0.40 M parameters, 1.7 M
 ``multiadd``'s loss floor is high because the posed operands are random. ``multiadd6`` (six posed
 additions, responses up to 64 tokens), ``multiadd12`` (twelve, up to 124 tokens) and ``multiadd24``
 (twenty-four, up to 244: the 256 positions are nearly full) are the long-horizon starts of issue 14;
-``multiadd6``'s greedy decode scores below its samples (0.54 vs 0.80): greedy decoding poses the same addition again (22 of 24 prompts checked), which the task does not reward. ``multiadd12``
-gets half of its twelve additions right (0.47): the same 0.4 M model and 1,500 steps, twice the length —
-room for RL to improve, which the horizon study's control arm does (0.45 → 0.59 in 150 steps). ``multiadd24``
-samples 0.38 and greedy-decodes 0.57, with a fatter safe set (98 ids on average against 28): its SFT ran
-61 min of wall time for 1,830 CPU s, shared with benchmarks.
+``multiadd6``'s greedy decode scores below its samples (0.54 vs 0.80): greedy decoding poses the same
+addition again (22 of 24 prompts checked), which the task does not reward. ``multiadd12`` gets half
+of its twelve additions right (0.47): the same 0.4 M model and 1,500 steps, twice the length — room
+for RL to improve, which the horizon study's control arm does (0.45 → 0.59 in 150 steps).
+``multiadd24`` samples 0.38 and greedy-decodes 0.57, with a fatter safe set (98 ids on average against
+28): its SFT ran 61 min of wall time for 1,830 CPU s, shared with benchmarks.
 
 How it departs from a plain SFT loop (MEASUREMENTS.md: a 5 M-parameter model took ~9 min here):
 

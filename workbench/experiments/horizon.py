@@ -3,7 +3,8 @@
 Theorem 4.1 says the naive gradient's bias grows with the number of tail tokens in a sequence and does not
 average out, so a perturbation that only degrades a 24-token policy should hurt more as responses grow. The
 study runs one scenario family at several horizons (``floor12`` at T ≈ 24, ``floor12_t64``, ``floor12_t128``,
-``floor12_t256``: the same floor, two, six, twelve and twenty-four posed additions) with a ``control`` arm on every seed, and reads off:
+``floor12_t256``: the same floor, two, six, twelve and twenty-four posed additions) with a ``control`` arm on
+every seed, and reads off:
 
 - **damage**: the same seed's control minus the arm, final clean-eval reward (the evaluations in the last
   quarter of the steps, averaged: ``summary.csv``'s ``eval_final``) — what the mismatch cost the policy;

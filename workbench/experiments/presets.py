@@ -89,12 +89,19 @@ _MULTIADD: dict[str, Any] = {
     "eval_every": 10,
 }
 
+
+def _multiadd_long(n_problems: int) -> dict[str, Any]:
+    """``_MULTIADD`` with ``n_problems`` posed additions on the ``multiadd<n_problems>`` warm start: the
+    settings of one horizon-study point."""
+    return {
+        **_MULTIADD,
+        "model": f"multiadd{n_problems}",
+        "task_kwargs": {"n_problems": n_problems, "digits": 2},
+    }
+
+
 # Six posed additions on the `multiadd6` warm start: the T ≈ 64 point of the horizon study.
-_MULTIADD_T64: dict[str, Any] = {
-    **_MULTIADD,
-    "model": "multiadd6",
-    "task_kwargs": {"n_problems": 6, "digits": 2},
-}
+_MULTIADD_T64 = _multiadd_long(6)
 
 #: Shared settings of each scenario (arms are applied on top).
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -122,20 +129,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "kvquant_t64": {**_MULTIADD_T64, "perturbation": "kvquant:4"},
     "vllm_bf16_t64": {**_MULTIADD_T64, "engine": "vllm"},
     # The same at T ≈ 128: twelve posed additions (responses up to 124 tokens), `multiadd12` warm start.
-    "floor12_t128": {
-        **_MULTIADD,
-        "model": "multiadd12",
-        "task_kwargs": {"n_problems": 12, "digits": 2},
-        "perturbation": "floor:12",
-    },
+    "floor12_t128": {**_multiadd_long(12), "perturbation": "floor:12"},
     # T ≈ 256: twenty-four posed additions (responses up to 244 tokens, the tiny model's 256 positions),
     # `multiadd24` warm start.
-    "floor12_t256": {
-        **_MULTIADD,
-        "model": "multiadd24",
-        "task_kwargs": {"n_problems": 24, "digits": 2},
-        "perturbation": "floor:12",
-    },
+    "floor12_t256": {**_multiadd_long(24), "perturbation": "floor:12"},
 }
 
 
