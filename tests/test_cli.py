@@ -36,6 +36,7 @@ FIELD_CASES: dict[str, tuple[str, object, tuple[str, ...]]] = {
     "trust_region": ("0.5", 0.5, ()),
     "trust_region_div": ("k2", "k2", ()),
     "drop_boundary_tokens": ("false", False, ()),
+    "drop_boundary_suffix": ("true", True, ()),
     "rho_entropy_scale": ("0.5", 0.5, ()),
     "advantage": ("grpo", "grpo", ()),
     "loss_type": ("ppo_clip", "ppo_clip", ()),

@@ -30,6 +30,28 @@ def _batch(seed: int = 0, b: int = 8, t: int = 6):
     return lt, li, mask, boundary, rewards
 
 
+def test_boundary_suffix_drops_the_rest_of_each_sequence_from_its_first_boundary_token() -> None:
+    lt, li, mask, boundary, rewards = _batch()
+    cfg = ISConfig("token_mis", veto=None)
+    kw = dict(is_config=cfg, boundary=boundary, rewards=rewards, k=4)
+    token = corrected_batch(lt, li, mask, **kw)
+    suffix = corrected_batch(lt, li, mask, drop_boundary_suffix=True, **kw)
+    b = (boundary & mask).tolist()
+    assert any(any(row) for row in b), "the test batch must hold boundary tokens"
+    for i, row in enumerate(b):
+        first = row.index(True) if any(row) else len(row)
+        # Before the first boundary token: the per-token decision; from it on: nothing.
+        assert suffix.keep[i, :first].tolist() == token.keep[i, :first].tolist()
+        assert not suffix.keep[i, first:].any()
+        # A sequence left with no token is rejected (and leaves its group's baseline).
+        assert bool(suffix.seq_keep[i]) == bool(token.seq_keep[i] and suffix.keep[i].any())
+    # The suffix only removes tokens, and removes some here.
+    assert bool((suffix.keep <= token.keep).all()) and int(suffix.keep.sum()) < int(token.keep.sum())
+    # Without drop_boundary it is a no-op: nothing is dropped for being a boundary token.
+    off = corrected_batch(lt, li, mask, drop_boundary=False, drop_boundary_suffix=True, **kw)
+    assert torch.equal(off.keep, corrected_batch(lt, li, mask, drop_boundary=False, **kw).keep)
+
+
 @pytest.mark.parametrize("advantage", ["rloo", "grpo"])
 @pytest.mark.parametrize("drop", [True, False])
 def test_matches_the_step_written_out(advantage: str, drop: bool) -> None:

@@ -3,6 +3,7 @@ QUICK presets (slow) — the paper's qualitative claims."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -199,6 +200,29 @@ def test_results_roundtrip_through_json_and_csv(tmp_path) -> None:
         load_results(tmp_path / "nowhere")
 
 
+def test_results_written_under_the_old_arm_names_load_under_todays(tmp_path) -> None:
+    # Before 2026-12-05 `dvp_mis` carried a 1e-4 veto and the veto-free arm was `dvp_mis_noveto`.
+    res = _fake_results()
+    extra = copy.deepcopy(res.run("dvp_mis", 0))
+    extra.arm, extra.config = "dvp_mis_noveto", {"seed": 0, "veto": None}
+    for run in res.runs:
+        if run.arm == "dvp_mis":
+            run.config = {**run.config, "veto": 1e-4}
+    res.runs.append(extra)
+    res.arms, res.reference = ["naive", "dvp_mis", "dvp_mis_noveto"], "dvp_mis"
+    back = load_results(res.save(tmp_path / "old"))
+    assert back.arms == ["naive", "dvp_mis_veto", "dvp_mis"] and back.reference == "dvp_mis_veto"
+    assert sorted((r.arm, r.seed) for r in back.runs) == [
+        ("dvp_mis", 0),
+        ("dvp_mis_veto", 0),
+        ("dvp_mis_veto", 1),
+        ("naive", 0),
+        ("naive", 1),
+    ]
+    # Today's names, written today, stay as they are.
+    assert load_results(_fake_results().save(tmp_path / "new")).arms == ["naive", "dvp_mis"]
+
+
 def test_demo_table_has_one_line_per_run(tmp_path) -> None:
     res = _fake_results()
     table = format_table(res)
@@ -342,7 +366,8 @@ def one_thread():
 @pytest.mark.slow
 def test_quick_headline_naive_degrades_and_dvp_mis_stays_stable(one_thread) -> None:
     # At this scale there is no collapse (results/README.md, lessons/LOG.md). The QUICK claims: naive RLOO's
-    # *policy* degrades (clean-engine eval reward falls) while DVP + MIS's improves and is judged stable, and
+    # *policy* degrades (clean-engine eval reward falls) while DVP + MIS's holds (0.893 -> 0.891 on this seed;
+    # with the old sequence veto it rose, 0.883 -> 0.922) and is judged stable, and
     # the mechanism — naive trains on the floored tail draws, pushes them further down, and its mismatch grows.
     # The criterion's 0.10 degradation threshold is crossed only at the full 150 steps
     # (test_saved_headline_matches_the_claims); the criterion itself is tested on constructed series above.
@@ -358,7 +383,7 @@ def test_quick_headline_naive_degrades_and_dvp_mis_stays_stable(one_thread) -> N
     assert naive.verdict["label"] != "collapse" and naive.verdict_eval["label"] != "collapse"
     ev_n = [x for x in naive.series("eval/reward") if math.isfinite(x)]
     ev_d = [x for x in dvp.series("eval/reward") if math.isfinite(x)]
-    assert ev_n[-1] < ev_n[0] and ev_d[-1] > ev_d[0], (ev_n, ev_d)
+    assert ev_n[-1] < ev_n[0] - 0.04 and ev_d[-1] > ev_d[0] - 0.02, (ev_n, ev_d)
     assert sum(ev_d[-2:]) / 2 - sum(ev_n[-2:]) / 2 >= 0.04, (ev_n, ev_d)
     # Both engines sample the floored ids (floor 12 < 13 nats); naive trains on them, DVP + MIS masks them.
     assert sum(naive.series("mismatch/tail_tokens")) > 0 and sum(dvp.series("dvp/boundary_tokens")) > 0
@@ -379,8 +404,9 @@ def test_saved_headline_matches_the_claims() -> None:
     res = load_results(path)
     assert len(res.seeds) >= 3 and res.steps == presets.run_length("floor12")
     on_eval = res.counts("verdict_eval")
-    assert on_eval["naive"]["degraded"] + on_eval["naive"]["collapse"] >= 2
-    assert on_eval["dvp_mis"]["stable"] == len(res.seeds)
+    assert res.reference == "dvp_mis" and res.run("dvp_mis", 0).config["veto"] is None  # today's recipe
+    assert on_eval["naive"]["degraded"] == len(res.seeds)  # README: "degraded 3/3", never a collapse
+    assert on_eval["dvp_mis"]["stable"] == on_eval["dvp_mis_veto"]["stable"] == len(res.seeds)
     assert all(c["collapse"] == 0 for c in res.counts().values())  # never called a collapse
 
 

@@ -58,6 +58,11 @@ def test_config_rejects_bad_values_with_a_fix(field: str, value: object, needle:
         RLOOConfig(**{field: value})
 
 
+def test_boundary_suffix_without_dropping_boundary_tokens_is_rejected() -> None:
+    with pytest.raises(ValueError, match="drop_boundary_tokens=True"):
+        RLOOConfig(drop_boundary_tokens=False, drop_boundary_suffix=True)
+
+
 def test_config_json_roundtrip_and_diff(tmp_path) -> None:
     cfg = RLOOConfig(rho=None, is_mode="seq_mis", task_kwargs={"digits": 3})
     path = tmp_path / "c.json"

@@ -81,8 +81,11 @@ class RLOOConfig:
     """Lower bound for masking modes (``None``: the mode's default)."""
     is_hi: float | None = None
     """Upper bound / truncation cap (``None``: the mode's default)."""
-    veto: float | None = 1e-4
-    """Drop a sequence when any token ratio falls below this; ``None`` disables the veto."""
+    veto: float | None = None
+    """Drop a sequence when any token ratio falls below this; ``None`` (default) disables the veto and leaves
+    such tokens to the IS mask. Off since 2026-12-05: with DVP a boundary token has ratio ≈ 0, so a veto
+    drops every sequence holding one — 80 % of them at T ≈ 128 under the e^-12 floor — and left DVP + MIS
+    below naive RLOO at every horizon T ≥ 59 (README, "Longer responses"; ``1e-4`` restores it)."""
     trust_region: float | None = None
     """Trust-region rejection (verl 0.9.1's ``seq_max_k*``): drop a sequence whose worst token's divergence
     (``trust_region_div``) exceeds this; ``None`` disables it. See :class:`workbench.importance.ISConfig`."""
@@ -90,6 +93,9 @@ class RLOOConfig:
     """Per-token divergence of the trust-region rule: ``k2`` or ``k3``."""
     drop_boundary_tokens: bool = True
     """Drop sampled tokens outside the trainer's safe set from the loss (only when ``rho`` is set)."""
+    drop_boundary_suffix: bool = False
+    """With ``drop_boundary_tokens``, also drop every later token of a sequence after its first boundary token
+    (the text after a draw π^mp cannot make is off its distribution); the rest of the sequence stays."""
     rho_entropy_scale: float = 0.0
     """κ of an entropy-scaled, per-state ρ (beyond the paper): ``log ρ(s) = log ρ · (1 + κ H(s))`` with
     ``H(s)`` the entropy (nats) of the full-vocabulary policy at ``s``; 0 keeps the paper's fixed ρ.
@@ -188,6 +194,13 @@ class RLOOConfig:
             if isinstance(self.engine_rho, str):
                 raise bad("engine_rho", self.engine_rho, '"same", None or a float in (0, 1]', "")
             dvp.validate_rho(self.engine_rho, "RLOOConfig.engine_rho")
+        if self.drop_boundary_suffix and not self.drop_boundary_tokens:
+            raise bad(
+                "drop_boundary_suffix",
+                self.drop_boundary_suffix,
+                "True only with drop_boundary_tokens=True",
+                "The suffix is cut from each sequence's first dropped boundary token; keep both or neither.",
+            )
         # Validates mode, bounds and veto with the importance module's own messages.
         self.is_config()
         if self.advantage not in ("rloo", "grpo"):

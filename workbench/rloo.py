@@ -508,6 +508,7 @@ def corrected_batch(
     is_config: ISConfig,
     boundary: torch.Tensor | None = None,
     drop_boundary: bool = True,
+    drop_boundary_suffix: bool = False,
     rewards: torch.Tensor | None = None,
     k: int | None = None,
     advantage: str = "rloo",
@@ -536,6 +537,8 @@ def corrected_batch(
             (:func:`workbench.metrics.boundary_tokens` from logits, or
             :func:`workbench.metrics.boundary_from_logprobs` from ``log π^mp``); None: none.
         drop_boundary: drop boundary tokens from the loss (they leave the mismatch metrics either way).
+        drop_boundary_suffix: with ``drop_boundary``, also drop every token *after* a sequence's first boundary
+            token: the text that follows a draw the trainer's policy cannot make is off its distribution.
         rewards: ``[N]`` rewards, ``k`` consecutive samples per prompt; NaN marks an unscorable sample (out of
             the baseline, advantage 0). ``N = B`` unless ``gather`` collects other processes' rows.
         k: samples per prompt (with ``rewards``).
@@ -610,8 +613,9 @@ def corrected_batch(
         out.update(res.stats)
     # 2. boundary tokens out of the loss
     if drop_boundary:
-        keep = keep & ~boundary  # (B, T)
-        zeroed = zeroed & ~boundary  # (B, T)
+        dropped = boundary.cumsum(-1) > 0 if drop_boundary_suffix else boundary  # (B, T)
+        keep = keep & ~dropped  # (B, T)
+        zeroed = zeroed & ~dropped  # (B, T)
     seq_keep = seq_keep & keep.any(-1)  # (B,)
     weights = torch.where(keep, weights, 0.0)  # (B, T)
 

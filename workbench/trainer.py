@@ -427,6 +427,7 @@ class RLOOTrainer:
             is_config=self._is,
             boundary=boundary,
             drop_boundary=cfg.drop_boundary_tokens,
+            drop_boundary_suffix=cfg.drop_boundary_suffix,
             rewards=rewards,
             k=cfg.k,
             advantage=cfg.advantage,

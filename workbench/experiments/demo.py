@@ -25,7 +25,13 @@ from workbench.experiments.runner import ArmResults, run_arms
 __all__ = ["DemoRun", "findings", "format_table", "run_demo"]
 
 #: How the findings name the arms a reader meets in the demo (other arms keep their preset key).
-ARM_NAMES = {"naive": "naive RLOO", "dvp_mis": "DVP + MIS", "dvp": "DVP", "control": "control (no mismatch)"}
+ARM_NAMES = {
+    "naive": "naive RLOO",
+    "dvp_mis": "DVP + MIS",
+    "dvp_mis_veto": "DVP + MIS with the veto",
+    "dvp": "DVP",
+    "control": "control (no mismatch)",
+}
 
 Row = dict[str, Any]
 

@@ -354,11 +354,36 @@ def read_json(path: str | os.PathLike[str], default_name: str) -> dict[str, Any]
     return data
 
 
+#: Old veto threshold of the ``dvp_mis`` arm, by which :func:`current_arm` recognises its pre-2026-12-05 runs.
+_OLD_DVP_MIS_VETO = 1e-4
+
+
+def current_arm(arm: str, config: Mapping[str, Any]) -> str:
+    """Today's name of an arm a results file recorded as ``arm`` with run config ``config``.
+
+    On 2026-12-05 the recipe arm ``dvp_mis`` dropped its sequence veto (:data:`~workbench.experiments.ARMS`):
+    a run written before then as ``dvp_mis`` with ``veto=1e-4`` is today's ``dvp_mis_veto``, and one written
+    as ``dvp_mis_noveto`` is today's ``dvp_mis``. The files keep the names they were written with; reading
+    them goes through this map, decided by the stored config, so old and new runs of one arm pool together.
+
+    >>> current_arm("dvp_mis", {"veto": 1e-4}), current_arm("dvp_mis_noveto", {"veto": None})
+    ('dvp_mis_veto', 'dvp_mis')
+    >>> current_arm("dvp_mis", {"veto": None}), current_arm("naive", {"veto": None})
+    ('dvp_mis', 'naive')
+    """
+    if arm == "dvp_mis" and config.get("veto") == _OLD_DVP_MIS_VETO:
+        return "dvp_mis_veto"
+    if arm == "dvp_mis_noveto":
+        return "dvp_mis"
+    return arm
+
+
 def run_from_dict(r: Mapping[str, Any]) -> RunResult:
-    """Inverse of :meth:`RunResult.to_dict` (JSON nulls back to nan)."""
+    """Inverse of :meth:`RunResult.to_dict` (JSON nulls back to nan), arm names as today's
+    (:func:`current_arm`)."""
     return RunResult(
         scenario=r["scenario"],
-        arm=r["arm"],
+        arm=current_arm(r["arm"], r["config"]),
         seed=int(r["seed"]),
         config=r["config"],
         history=[{k: _from_json_float(v) for k, v in row.items()} for row in r["history"]],
@@ -372,14 +397,16 @@ def load_results(path: str | os.PathLike[str]) -> ArmResults:
     """Read a ``results.json`` (or the directory holding it) written by :meth:`ArmResults.save`."""
     data = read_json(path, "results.json")
     runs = [run_from_dict(r) for r in data["runs"]]
+    renamed = {r["arm"]: current_arm(r["arm"], r["config"]) for r in data["runs"]}
+    reference = data.get("reference")
     return ArmResults(
         scenario=data["scenario"],
-        arms=list(data["arms"]),
+        arms=[renamed.get(a, a) for a in data["arms"]],
         seeds=[int(s) for s in data["seeds"]],
         steps=int(data["steps"]),
         quick=bool(data["quick"]),
         runs=runs,
-        reference=data.get("reference"),
+        reference=renamed.get(reference, reference),
         command=data.get("command", ""),
         overrides=data.get("overrides", {}),
         load_avg=_from_json_float(data.get("load_avg")),

@@ -158,8 +158,9 @@ class DVPGRPOConfig(GRPOConfig):
     """Lower ratio bound of window modes (None: reciprocal of ``is_hi`` or the mode default)."""
     is_hi: float | None = None
     """Upper ratio bound / truncation cap (None: reciprocal of ``is_lo`` or the mode default)."""
-    is_veto: float | None = 1e-4
-    """Drop a sequence when any token ratio is below this; ``None`` disables the veto."""
+    is_veto: float | None = None
+    """Drop a sequence when any token ratio is below this; ``None`` (default, as TRL) disables the veto — with
+    DVP a boundary token's ratio is ≈ 0 and a veto drops its whole sequence (``RLOOConfig.veto``)."""
     is_trust_region: float | None = None
     """Trust-region rejection (verl's ``seq_max_k*``): drop a sequence whose worst token's divergence exceeds
     this; ``None`` disables it."""

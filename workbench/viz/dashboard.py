@@ -8,7 +8,7 @@ arm         what it trains on                                        preset (``e
 ==========  =======================================================  =============================
 naive       full vocabulary, no correction (what TRL's RLOO does)    ``naive``
 DVP         min-p safe vocabulary V_S at ρ on both sides, no IS      ``dvp``
-DVP + IS    safe vocabulary + the IS correction from the dropdown    ``dvp_mis`` (token MIS + veto)
+DVP + IS    safe vocabulary + the IS correction from the dropdown    ``dvp_mis`` (token MIS)
 ==========  =======================================================  =============================
 
 — and a plotly ``FigureWidget`` (:func:`workbench.viz.figures.training_figure`) whose traces are updated
