@@ -58,6 +58,18 @@ def test_config_rejects_bad_values_with_a_fix(field: str, value: object, needle:
         RLOOConfig(**{field: value})
 
 
+def test_boundary_suffix_reaches_the_loss_on_the_same_rollout() -> None:
+    # A floor 1 nat below the max inside a ρ = 0.3 (1.2 nats) safe set: the engine samples floored ids the trainer
+    # prunes (boundary tokens). Same seed, same rollout; the suffix cut must drop the tokens after them as well.
+    def step(suffix: bool) -> dict[str, float]:
+        cfg = RLOOConfig(**{**PROBE, "rho": 0.3, "perturbation": "floor:1", "drop_boundary_suffix": suffix})
+        return RLOOTrainer(cfg).step()
+
+    token, suffix = step(False), step(True)
+    assert token["dvp/boundary_tokens"] == suffix["dvp/boundary_tokens"] > 0
+    assert suffix["loss/kept_tokens"] < token["loss/kept_tokens"]
+
+
 def test_boundary_suffix_without_dropping_boundary_tokens_is_rejected() -> None:
     with pytest.raises(ValueError, match="drop_boundary_tokens=True"):
         RLOOConfig(drop_boundary_tokens=False, drop_boundary_suffix=True)
