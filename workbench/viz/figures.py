@@ -310,7 +310,7 @@ def horizon_figure(
         rows=1,
         cols=2,
         subplot_titles=(
-            "damage: control − arm, final clean-eval reward (mean ± sd over seeds)",
+            "damage = control − arm, final clean eval (mean ± sd)",
             "tail draws per sequence",
         ),
         horizontal_spacing=0.1,
@@ -364,7 +364,14 @@ def horizon_figure(
             )
     fig.add_hline(y=0.0, line={"color": "#888", "width": 1}, row=1, col=1)
     fig.update_xaxes(title_text="response length T (tokens)")
-    fig.update_layout(title=title, height=400, template="plotly_white", margin={"t": 70, "b": 50})
+    # Tall enough for the legend: one line per (set, arm) trace, ≈ 19 px each.
+    legend_lines = sum(1 for t in fig.data if t.showlegend is not False)
+    fig.update_layout(
+        title=title,
+        height=max(400, 140 + 19 * legend_lines),
+        template="plotly_white",
+        margin={"t": 70, "b": 50},
+    )
     return fig
 
 
