@@ -124,7 +124,14 @@ def test_cli_draws_each_extra_set_in_its_own_style_under_the_given_title(tmp_pat
 def test_figure_grows_so_a_long_legend_fits() -> None:
     # 16 legend lines overflowed the fixed 400 px figure (the GPU set's last entries were cut off).
     def row(arm: str) -> dict[str, object]:
-        return {"T": 22.0, "arm": arm, "damage": [0.1], "damage_mean": 0.1, "damage_sd": 0.0, "tail_per_seq": 0.3}
+        return {
+            "T": 22.0,
+            "arm": arm,
+            "damage": [0.1],
+            "damage_mean": 0.1,
+            "damage_sd": 0.0,
+            "tail_per_seq": 0.3,
+        }
 
     few = horizon_figure([row("naive")])
     many = horizon_figure([row(f"arm{i}") for i in range(16)])
