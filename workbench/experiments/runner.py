@@ -397,7 +397,7 @@ def load_results(path: str | os.PathLike[str]) -> ArmResults:
     """Read a ``results.json`` (or the directory holding it) written by :meth:`ArmResults.save`."""
     data = read_json(path, "results.json")
     runs = [run_from_dict(r) for r in data["runs"]]
-    renamed = {r["arm"]: current_arm(r["arm"], r["config"]) for r in data["runs"]}
+    renamed = {r["arm"]: run.arm for r, run in zip(data["runs"], runs, strict=True)}  # written name → today's
     reference = data.get("reference")
     return ArmResults(
         scenario=data["scenario"],
